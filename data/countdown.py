@@ -1,0 +1,233 @@
+"""Countdown: use each given number once with + - * / to reach the target.
+
+Everything the project trains on is made here: a brute-force solver, the problem universe, deterministic
+train / val / test splits, a character-level tokenizer, and a safe verifier (a small parser over integers;
+model output is never evaluated as code).
+
+Text format (one problem):
+    prompt:  "3 7 13>88:"            numbers (ascending), '>', target, ':'
+    answer:  "7*13=91,91-3=88"       one step per comma: a op b = c; every number used once
+Rules: results of each step are positive integers; division must be exact. The last step's result is the
+target, and every given number (and every intermediate result) is used exactly once.
+
+    python -m data.countdown            # writes data/tokenizer.json, prints split sizes and examples
+"""
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from functools import lru_cache
+
+# The setting (see README: "The Countdown setting"). Changing these changes every split and checkpoint.
+N_NUMBERS = 3
+NUM_LO, NUM_HI = 1, 20
+MAX_TARGET = 100
+SPLIT_PERMILLE = {"test": 40, "val": 20}  # of the problem universe, by a stable hash of the problem
+
+TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.json")
+PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
+CHARS = list("0123456789+-*/=,>: ")
+
+# ----------------------------------------------------------------------------------------------- solver
+
+def apply_op(a, op, b):
+    """Result of `a op b` under the rules (positive integers, exact division), or None if not allowed."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b if a > b else None
+    if op == "*":
+        return a * b
+    if op == "/":
+        return a // b if b != 0 and a % b == 0 else None
+    return None
+
+
+def solve_all(numbers):
+    """Every reachable final value -> the first solution found, as a list of steps (a, op, b, c).
+
+    Search order is fixed (pairs left to right, larger operand first, ops + - * /), so the canonical
+    solution of a problem is deterministic."""
+    found = {}
+
+    def rec(nums, steps):
+        if len(nums) == 1:
+            found.setdefault(nums[0], list(steps))
+            return
+        for i in range(len(nums)):
+            for j in range(i + 1, len(nums)):
+                a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
+                rest = [nums[k] for k in range(len(nums)) if k != i and k != j]
+                for op in "+-*/":
+                    c = apply_op(a, op, b)
+                    if c is None or c <= 0:
+                        continue
+                    steps.append((a, op, b, c))
+                    rec(rest + [c], steps)
+                    steps.pop()
+
+    rec(list(numbers), [])
+    return found
+
+
+def solve(numbers, target):
+    """One solution (answer text) reaching `target`, or None if there is none."""
+    steps = solve_all(numbers).get(target)
+    return None if steps is None else format_steps(steps)
+
+
+def format_steps(steps):
+    return ",".join(f"{a}{op}{b}={c}" for a, op, b, c in steps)
+
+# ------------------------------------------------------------------------------------------ text format
+
+def prompt_text(numbers, target):
+    return " ".join(str(n) for n in numbers) + f">{target}:"
+
+
+_PROMPT_RE = re.compile(r"([0-9]{1,4}(?: [0-9]{1,4}){0,7})>([0-9]{1,6}):")
+
+
+def parse_prompt(text):
+    """Inverse of prompt_text: (numbers tuple, target). Raises ValueError on anything else."""
+    m = _PROMPT_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a Countdown prompt: {text[:40]!r}")
+    return tuple(int(x) for x in m.group(1).split(" ")), int(m.group(2))
+
+# ----------------------------------------------------------------------------------------------- verify
+
+_STEP_RE = re.compile(r"([0-9]{1,7})([-+*/])([0-9]{1,7})=([0-9]{1,9})")
+MAX_ANSWER_CHARS = 256
+
+
+def verify(numbers, target, answer_text):
+    """True iff `answer_text` is a valid step list that uses every number once and reaches `target`.
+
+    Never raises and never evaluates anything: the text is parsed with bounded regexes (at most 256
+    characters, at most 9 digits per number), so every call is fast whatever the input."""
+    try:
+        if not isinstance(answer_text, str) or len(answer_text) > MAX_ANSWER_CHARS:
+            return False
+        text = answer_text.strip()
+        parts = text.split(",")
+        if len(parts) != len(numbers) - 1:
+            return False
+        pool = Counter(int(n) for n in numbers)
+        for part in parts:
+            m = _STEP_RE.fullmatch(part)
+            if m is None:
+                return False
+            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            pool[a] -= 1
+            pool[b] -= 1
+            if pool[a] < 0 or pool[b] < 0:
+                return False  # a number not available (reused, or never given)
+            r = apply_op(a, op, b)
+            if r is None or r <= 0 or r != c:
+                return False  # wrong arithmetic, non-exact division, non-positive result
+            pool[c] += 1
+        left = +pool  # drop zero counts
+        return left == Counter({int(target): 1})
+    except Exception:  # defensive: verify is called on arbitrary model output
+        return False
+
+def is_well_formed(answer_text, n_numbers=N_NUMBERS):
+    """True iff the text has the answer's shape (n-1 steps `a op b=c`), right or wrong."""
+    if not isinstance(answer_text, str) or len(answer_text) > MAX_ANSWER_CHARS:
+        return False
+    parts = answer_text.strip().split(",")
+    return len(parts) == n_numbers - 1 and all(_STEP_RE.fullmatch(p) for p in parts)
+
+# -------------------------------------------------------------------------------------- universe/splits
+
+def _split_of(numbers, target):
+    h = int(hashlib.sha256(f"{numbers}>{target}".encode()).hexdigest()[:8], 16) % 1000
+    if h < SPLIT_PERMILLE["test"]:
+        return "test"
+    if h < SPLIT_PERMILLE["test"] + SPLIT_PERMILLE["val"]:
+        return "val"
+    return "train"
+
+
+@lru_cache(maxsize=None)
+def _universe():
+    """All (numbers, target, answer) with numbers an ascending multiset and 1 <= target <= MAX_TARGET."""
+    out = []
+
+    def multisets(k, lo):
+        if k == 0:
+            yield ()
+            return
+        for x in range(lo, NUM_HI + 1):
+            for rest in multisets(k - 1, x):
+                yield (x,) + rest
+
+    for nums in multisets(N_NUMBERS, NUM_LO):
+        for target, steps in sorted(solve_all(nums).items()):
+            if 1 <= target <= MAX_TARGET:
+                out.append((nums, target, format_steps(steps)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def load_split(split):
+    """The problems of a split as a tuple of (numbers, target, answer), in a fixed shuffled order.
+
+    Splits are decided by a stable hash of the problem, so they are disjoint and never change."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r} (train, val, test)")
+    probs = [p for p in _universe() if _split_of(p[0], p[1]) == split]
+    random.Random(f"countdown-{split}").shuffle(probs)
+    return tuple(probs)
+
+# -------------------------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer():
+    """Character-level WordLevel tokenizer: [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3, then one id per character."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate([PAD, BOS, EOS, UNK] + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([PAD, BOS, EOS, UNK])
+    return tok
+
+
+def load_tokenizer(path=TOKENIZER_PATH):
+    """Load a tokenizer.json; raises ValueError with a one-line reason if it is missing or broken."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot load tokenizer {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    for name in (PAD, BOS, EOS):
+        if tok.token_to_id(name) is None:
+            raise ValueError(f"tokenizer {path} has no {name} token")
+    return tok
+
+
+def prompt_ids(tok, numbers, target):
+    """[BOS] + the prompt's token ids."""
+    return [tok.token_to_id(BOS)] + tok.encode(prompt_text(numbers, target)).ids
+
+
+def answer_ids(tok, answer):
+    """The answer's token ids + [EOS]: the EOS is a real token the model must learn to emit."""
+    return tok.encode(answer).ids + [tok.token_to_id(EOS)]
+
+
+def main():
+    tok = build_tokenizer()
+    tok.save(TOKENIZER_PATH)
+    sizes = {s: len(load_split(s)) for s in ("train", "val", "test")}
+    print(f"wrote {TOKENIZER_PATH} (vocab {tok.get_vocab_size()})")
+    for nums, target, ans in load_split("test")[:5]:
+        print(f"  {prompt_text(nums, target)}{ans}")
+    print(json.dumps({"splits": sizes, "vocab_size": tok.get_vocab_size()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""KV-cached batched sampling, and the one batch layout every stage shares.
+
+A batch is a left-padded block of prompts followed by a completion region:
+
+    tokens  [B, P+N]   [pad pad BOS 3 _ 7 ... :][7 * 1 3 = 9 1 , ... EOS pad pad]
+    valid   [B, P+N]   real tokens (False on left padding and after the first EOS)
+    mask    [B, P+N]   completion tokens up to and including the first EOS (what losses train)
+    logprob [B, P+N]   log p_student(token) at sampling time on mask positions, 0 elsewhere
+
+Positions come from `valid` (model.positions_from_valid), so a row scores the same at any padding.
+Supervised rows (ground truth, teacher samples) are packed into the same layout by `pack`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import KVCache, positions_from_valid
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+    prompt_len: int
+    logprobs: torch.Tensor = None
+
+    @property
+    def pos(self):
+        return positions_from_valid(self.valid)
+
+    def completions(self):
+        """Completion token ids of each row (the masked ones: up to and including the first EOS), as lists."""
+        out = []
+        for row, m in zip(self.tokens[:, self.prompt_len:].tolist(), self.mask[:, self.prompt_len:].tolist()):
+            out.append([t for t, keep in zip(row, m) if keep])
+        return out
+
+
+def left_pad(seqs, pad_id, device=None):
+    """List of id lists -> (ids [B, P], valid [B, P]) aligned on the right."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), P, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        valid[i, P - len(s):] = True
+    return ids.to(device), valid.to(device)
+
+
+def pack(prompts, completions, pad_id, device=None):
+    """Prompts (id lists, left-padded) + given completions (id lists ending in EOS, right-padded)."""
+    ids, pvalid = left_pad(prompts, pad_id)
+    N = max(len(c) for c in completions)
+    comp = torch.full((len(prompts), N), pad_id, dtype=torch.long)
+    cmask = torch.zeros(len(prompts), N, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cmask[i, :len(c)] = True
+    P = ids.size(1)
+    return Batch(tokens=torch.cat([ids, comp], 1).to(device), valid=torch.cat([pvalid, cmask], 1).to(device),
+                 mask=torch.cat([torch.zeros_like(pvalid), cmask], 1).to(device), prompt_len=P)
+
+
+def sample_token(logits, temperature, top_k=None, generator=None):
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy (and ignores the generator)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
+             temperature=1.0, top_k=None, generator=None):
+    """Sample completions for left-padded prompts with a preallocated KV cache.
+
+    The prompts are prefilled once; then one token per step for every row, until every row has emitted
+    EOS or max_new_tokens is reached. Under torch.distributed with several ranks, every rank runs the same
+    number of steps (an all-reduce of "anyone still running" per step), as FSDP's collectives require.
+    Returns a Batch whose logprobs are log-softmax of the model's (untempered) logits at the sampled tokens."""
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, B, P + max_new_tokens, device=device, dtype=dtype)
+    pos = positions_from_valid(prompt_valid)
+    logits = model(prompt_ids, pos, prompt_valid, cache)[:, -1]
+    next_pos = pos[:, -1] + 1  # the last prompt column is real in every row (left padding)
+    toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    live = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    running = torch.ones(B, dtype=torch.bool, device=device)
+    sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    n = 0
+    for t in range(max_new_tokens):
+        tok = sample_token(logits, temperature, top_k, generator)
+        tok = torch.where(running, tok, pad_id)
+        lp = F.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
+        toks[:, t], lps[:, t], live[:, t] = tok, torch.where(running, lp, 0.0), running
+        running = running & (tok != eos_id)
+        n = t + 1
+        if sync:
+            flag = running.any().float()
+            dist.all_reduce(flag)
+            if flag.item() == 0:
+                break
+        elif not bool(running.any()):
+            break
+        if t + 1 < max_new_tokens:
+            logits = model(tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1], cache)[:, -1]
+    toks, lps, live = toks[:, :n], lps[:, :n], live[:, :n]
+    return Batch(tokens=torch.cat([prompt_ids, toks], 1), valid=torch.cat([prompt_valid, live], 1),
+                 mask=torch.cat([torch.zeros_like(prompt_valid), live], 1), prompt_len=P,
+                 logprobs=torch.cat([torch.zeros(B, P, device=device), lps], 1))

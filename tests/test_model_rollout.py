@@ -1,0 +1,126 @@
+"""The KV cache and the sampler against naive references on tiny random models (CPU, fp32)."""
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, KVCache, positions_from_valid
+from rollout import generate, left_pad, pack
+
+EOS, PAD = 2, 0
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**({"vocab_size": 23, "n_layer": 2, "n_head": 2, "d_model": 32, "d_mlp": 64, "max_seq_len": 48} | kw))
+    return GPT(cfg).eval()
+
+
+def prompts(seed=0, lengths=(3, 7, 5, 1, 9)):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(4, 23, (n,), generator=g).tolist() for n in lengths]
+
+
+def naive_greedy(model, prompt, n):
+    """One row, no padding, no cache: recompute the whole sequence for every new token."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[0, -1]
+        seq.append(int(logits.argmax()))
+        if seq[-1] == EOS:
+            break
+    return seq[len(prompt):]
+
+
+@torch.no_grad()
+def test_cached_greedy_equals_naive_decode():
+    model = tiny()
+    ps = prompts()
+    ids, valid = left_pad(ps, PAD)
+    batch = generate(model, ids, valid, 12, EOS, PAD, temperature=0.0)
+    for i, p in enumerate(ps):
+        assert batch.completions()[i] == naive_greedy(model, p, 12)
+
+
+@torch.no_grad()
+def test_cached_logits_match_full_forward_with_left_padding():
+    model = tiny(1)
+    ps = prompts(1)
+    ids, valid = left_pad(ps, PAD)
+    B, P = ids.shape
+    g = torch.Generator().manual_seed(0)
+    cont = torch.randint(4, 23, (B, 6), generator=g)
+    # cached: prefill, then feed the continuation one token at a time
+    cache = KVCache(model.cfg, B, P + 6)
+    pos = positions_from_valid(valid)
+    step_logits = [model(ids, pos, valid, cache)[:, -1]]
+    for t in range(5):
+        step_logits.append(model(cont[:, t:t + 1], (pos[:, -1] + 1 + t)[:, None], None, cache)[:, -1])
+    cached = torch.stack(step_logits, 1)  # logits predicting cont[:, 0..5]
+    # reference 1: the padded batch in one full forward
+    full_ids, full_valid = torch.cat([ids, cont], 1), torch.cat([valid, torch.ones(B, 6, dtype=torch.bool)], 1)
+    full = model(full_ids, positions_from_valid(full_valid), full_valid)[:, P - 1:P + 5]
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    # reference 2: each row alone, unpadded, default positions
+    for i, p in enumerate(ps):
+        alone = model(torch.tensor([p + cont[i, :5].tolist()]))[0, len(p) - 1:]
+        torch.testing.assert_close(cached[i], alone, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_same_seed_same_samples_and_greedy_ignores_seed():
+    model = tiny(2)
+    ids, valid = left_pad(prompts(2), PAD)
+    run = lambda temp, seed: generate(model, ids, valid, 10, EOS, PAD, temperature=temp, top_k=None,
+                                      generator=torch.Generator().manual_seed(seed)).tokens
+    assert torch.equal(run(1.0, 7), run(1.0, 7))
+    assert not torch.equal(run(1.0, 7), run(1.0, 8))
+    assert torch.equal(run(0.0, 7), run(0.0, 8))
+
+
+@torch.no_grad()
+def test_mask_and_logprobs_are_right():
+    model = tiny(3)
+    # make EOS likely so that rows stop at different steps
+    model.head.weight[EOS] += 0.6 * model.head.weight.std() * torch.randn_like(model.head.weight[EOS]).sign()
+    ids, valid = left_pad(prompts(3, lengths=(2, 6, 4, 3, 8, 5, 1, 7)), PAD)
+    g = torch.Generator().manual_seed(0)
+    b = generate(model, ids, valid, 15, EOS, PAD, temperature=1.0, generator=g)
+    P = b.prompt_len
+    assert not b.mask[:, :P].any()
+    n_eos = 0
+    for row, m in zip(b.tokens[:, P:].tolist(), b.mask[:, P:].tolist()):
+        # the mask is a prefix: every sampled token up to and including the first EOS, nothing after
+        if EOS in row:
+            n_eos += 1
+            k = row.index(EOS) + 1
+            assert m == [True] * k + [False] * (len(row) - k)
+            assert all(t == PAD for t in row[k:])
+        else:
+            assert all(m)
+    assert n_eos > 0 and len(set(b.mask.sum(1).tolist())) > 1  # rows stopped at different steps
+    # logprobs equal a fresh full forward's log-softmax at the sampled tokens; 0 off the mask
+    logits = model(b.tokens, b.pos, b.valid)
+    ref = F.log_softmax(logits[:, :-1].double(), -1).gather(-1, b.tokens[:, 1:, None]).squeeze(-1)
+    m = b.mask[:, 1:]
+    torch.testing.assert_close(b.logprobs[:, 1:][m].double(), ref[m], rtol=1e-5, atol=1e-5)
+    assert (b.logprobs[:, 1:][~m] == 0).all()
+
+
+@torch.no_grad()
+def test_top_k_restricts_samples():
+    model = tiny(4)
+    ids, valid = left_pad(prompts(4), PAD)
+    b = generate(model, ids, valid, 8, EOS, PAD, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    greedy = generate(model, ids, valid, 8, EOS, PAD, temperature=0.0)
+    assert torch.equal(b.tokens, greedy.tokens)
+
+
+def test_pack_layout_matches_generate_layout():
+    model = tiny(5)
+    ps = prompts(5)
+    ids, valid = left_pad(ps, PAD)
+    with torch.no_grad():
+        b = generate(model, ids, valid, 10, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    p = pack(ps, b.completions(), PAD)
+    n = p.tokens.size(1)
+    assert torch.equal(p.tokens, b.tokens[:, :n]) and torch.equal(p.mask, b.mask[:, :n])
+    assert torch.equal(p.valid, b.valid[:, :n]) and not b.mask[:, n:].any()

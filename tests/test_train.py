@@ -1,0 +1,121 @@
+"""End-to-end SFT on a tiny model in subprocesses: loss goes down, eval loads the checkpoint, --resume is
+exact, and bad input fails with one line on stderr without touching what exists."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--batch-size", "32", "--lr", "3e-3",
+        "--warmup", "5", "--eval-n", "16"]
+
+
+def run(script, *args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} {args} failed:\n{r.stderr[-2000:]}")
+    return r
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft") / "run")
+    r = run("train.py", "--stage", "sft", "--out", out, "--steps", "40", "--save-every", "20", "--eval-every", "20", *TINY)
+    return out, r
+
+
+def test_sft_lowers_loss_and_logs(sft_run):
+    out, r = sft_run
+    rec = [m for m in metrics(out) if "loss" in m]
+    assert [m["step"] for m in rec] == list(range(1, 41))
+    first, last = sum(m["loss"] for m in rec[:5]) / 5, sum(m["loss"] for m in rec[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert any("val_accuracy" in m for m in metrics(out))
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert final["step"] == 40 and final["loss"] == rec[-1]["loss"]
+    with open(os.path.join(out, "latest")) as f:
+        assert f.read() == "step_000040"
+
+
+def test_eval_loads_checkpoint(sft_run):
+    out, _ = sft_run
+    r = run("eval_countdown.py", out, "--n", "20", "--show", "2")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["n"] == 20 and res["ckpt"].endswith("step_000040")
+    assert 0 <= res["greedy_accuracy"] <= 1 and 0 <= res["greedy_format_valid"] <= 1 and res["greedy_mean_tokens"] > 0
+
+
+def test_resume_continues_bit_exactly(sft_run, tmp_path):
+    out, _ = sft_run
+    # a copy of the run as it was at step 20 (as if killed right after that save)
+    half = str(tmp_path / "half")
+    shutil.copytree(out, half)
+    shutil.rmtree(os.path.join(half, "ckpt", "step_000040"))
+    with open(os.path.join(half, "latest"), "w") as f:
+        f.write("step_000020")
+    run("train.py", "--stage", "sft", "--out", half, "--steps", "40", "--save-every", "20", "--eval-every", "20",
+        "--resume", *TINY)
+    a = load_file(os.path.join(out, "ckpt", "step_000040", "model.safetensors"))
+    b = load_file(os.path.join(half, "ckpt", "step_000040", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = [m["loss"] for m in metrics(half) if "loss" in m and m["step"] > 20][-20:]
+    assert resumed == [m["loss"] for m in metrics(out) if "loss" in m][20:]
+
+
+def one_line_error(r):
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines and "error" in lines[-1], r.stderr
+    return lines[-1]
+
+
+def snapshot(d):
+    return {os.path.join(p, f): os.stat(os.path.join(p, f)).st_mtime_ns for p, _, fs in os.walk(d) for f in fs}
+
+
+def test_train_bad_input_destroys_nothing(sft_run, tmp_path):
+    out, _ = sft_run
+    before = snapshot(out)
+    assert "already holds a run" in one_line_error(run("train.py", "--out", out, *TINY, check=False))
+    one_line_error(run("train.py", "--out", str(tmp_path / "x"), "--lr", "-1", check=False))
+    one_line_error(run("train.py", "--out", str(tmp_path / "x"), "--stage", "nope", check=False))
+    assert "does not exist" in one_line_error(run("train.py", "--out", str(tmp_path / "none"), "--resume", check=False))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "cannot write" in one_line_error(run("train.py", "--out", str(blocker / "run"), *TINY, check=False))
+    assert snapshot(out) == before
+
+
+def test_eval_bad_checkpoints(sft_run, tmp_path):
+    out, _ = sft_run
+    ck = os.path.join(out, "ckpt", "step_000040")
+    assert "does not exist" in one_line_error(run("eval_countdown.py", str(tmp_path / "missing"), check=False))
+    bad = tmp_path / "bad"
+    shutil.copytree(ck, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert "corrupt weights" in one_line_error(run("eval_countdown.py", str(bad), check=False))
+    bad2 = tmp_path / "bad2"
+    shutil.copytree(ck, bad2)
+    (bad2 / "config.json").write_text("{not json")
+    assert "corrupt config" in one_line_error(run("eval_countdown.py", str(bad2), check=False))
+    other = tmp_path / "other"
+    shutil.copytree(ck, other)
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, "1": 4}, unk_token="[UNK]")).save(
+        str(other / "tokenizer.json"))
+    assert "vocab" in one_line_error(run("eval_countdown.py", str(other), check=False))
+    one_line_error(run("eval_countdown.py", ck, "--n", "-3", check=False))
+    assert os.path.isfile(os.path.join(ck, "model.safetensors"))
