@@ -92,9 +92,9 @@ _PROMPT_RE = re.compile(r"([0-9]{1,4}(?: [0-9]{1,4}){0,7})>([0-9]{1,6}):")
 
 def parse_prompt(text):
     """Inverse of prompt_text: (numbers tuple, target). Raises ValueError on anything else."""
-    m = _PROMPT_RE.fullmatch(text)
+    m = _PROMPT_RE.fullmatch(text) if isinstance(text, str) else None
     if m is None:
-        raise ValueError(f"not a Countdown prompt: {text[:40]!r}")
+        raise ValueError(f"not a Countdown prompt: {repr(text)[:40]}")
     return tuple(int(x) for x in m.group(1).split(" ")), int(m.group(2))
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -109,7 +109,7 @@ def verify(numbers, target, answer_text):
     Never raises and never evaluates anything: the text is parsed with bounded regexes (at most 256
     characters, at most 9 digits per number), so every call is fast whatever the input."""
     try:
-        if not isinstance(answer_text, str) or len(answer_text) > MAX_ANSWER_CHARS:
+        if not isinstance(answer_text, str) or len(answer_text) > MAX_ANSWER_CHARS or not isinstance(target, int):
             return False
         text = answer_text.strip()
         parts = text.split(",")

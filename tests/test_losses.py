@@ -1,0 +1,127 @@
+"""Every divergence against a float64 brute force written with the math module, plus gradients."""
+import math
+
+import pytest
+import torch
+
+from losses import LOSSES, divergence_loss, per_token_divergence, sampled_token_loss
+
+
+def brute(s_row, t_row, loss, beta, temp):
+    """One position, plain Python floats: the definitions, term by term."""
+    def softmax(z):
+        z = [v / temp for v in z]
+        m = max(z)
+        e = [math.exp(v - m) for v in z]
+        return [v / sum(e) for v in e]
+    ps, pt = softmax(s_row), softmax(t_row)
+    kl = lambda p, q: sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+    if loss == "fkl":
+        return kl(pt, ps)
+    if loss == "rkl":
+        return kl(ps, pt)
+    m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+    return beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+
+
+def rand_case(seed, B=3, T=7, V=6, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g, dtype=torch.float64) * scale
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64) * scale
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[0, 0] = True
+    return s, t, mask
+
+
+@pytest.mark.parametrize("loss,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)])
+@pytest.mark.parametrize("temp", [1.0, 0.7, 2.0])
+def test_matches_float64_brute_force(loss, beta, temp):
+    s, t, mask = rand_case(0)
+    n = 11.0  # any normaliser: the loss is a sum over masked tokens / n
+    got = divergence_loss(s, t, mask, loss, n, beta=beta, temperature=temp)
+    want = sum(brute(s[b, i].tolist(), t[b, i].tolist(), loss, beta, temp)
+               for b in range(s.size(0)) for i in range(s.size(1)) if mask[b, i]) / n
+    assert abs(got.item() - want) < 1e-10 * max(1.0, abs(want))
+    # fp32 inputs agree with the float64 result to fp32 precision
+    got32 = divergence_loss(s.float(), t.float(), mask, loss, n, beta=beta, temperature=temp)
+    assert abs(got32.item() - want) < 1e-4 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+def test_chunking_gives_same_value_and_gradient(loss):
+    s, t, mask = rand_case(1, B=4, T=9)
+    out = []
+    for chunk in (0, 1, 3, 1000):
+        x = s.clone().requires_grad_(True)
+        val = divergence_loss(x, t, mask, loss, 13.0, beta=0.3, temperature=1.3, chunk_size=chunk)
+        val.backward()
+        out.append((val.detach(), x.grad))
+    for val, grad in out[1:]:
+        torch.testing.assert_close(val, out[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, out[0][1], rtol=1e-12, atol=1e-12)
+    assert (out[0][1][~mask] == 0).all()  # masked-out positions get no gradient
+
+
+def test_zero_iff_identical_and_jsd_symmetric():
+    s, t, mask = rand_case(2)
+    for loss in ("fkl", "rkl", "jsd"):
+        assert abs(divergence_loss(s, s.clone(), mask, loss, 1.0).item()) < 1e-12
+        assert divergence_loss(s, t, mask, loss, 1.0).item() > 1e-3
+    a = per_token_divergence(s.flatten(0, 1), t.flatten(0, 1), "jsd", beta=0.5)
+    b = per_token_divergence(t.flatten(0, 1), s.flatten(0, 1), "jsd", beta=0.5)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (a <= math.log(2) + 1e-12).all()  # JSD(0.5) is bounded by log 2
+    c = per_token_divergence(s.flatten(0, 1), t.flatten(0, 1), "jsd", beta=0.2)
+    d = per_token_divergence(t.flatten(0, 1), s.flatten(0, 1), "jsd", beta=0.8)
+    torch.testing.assert_close(c, d, rtol=1e-12, atol=1e-12)  # swapping roles swaps beta
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+def test_gradcheck(loss):
+    s, t, mask = rand_case(3, B=2, T=3, V=4, scale=1.5)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: divergence_loss(a, b, mask, loss, 5.0, beta=0.3, temperature=0.8,
+                                                                 chunk_size=2), (s, t))
+
+
+def test_bad_names_and_beta():
+    s, t, mask = rand_case(4)
+    with pytest.raises(ValueError, match="unknown loss"):
+        divergence_loss(s, t, mask, "kl", 1.0)
+    for beta in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="beta"):
+            divergence_loss(s, t, mask, "jsd", 1.0, beta=beta)
+    assert set(LOSSES) == {"fkl", "rkl", "jsd", "sampled"}
+
+
+def test_sampled_estimator_gradient_is_reverse_kl_gradient_in_expectation():
+    g = torch.Generator().manual_seed(0)
+    V = 4
+    theta = torch.randn(V, generator=g, dtype=torch.float64)
+    t_logp = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    # exact reverse KL gradient
+    x = theta.clone().requires_grad_(True)
+    lp = torch.log_softmax(x, -1)
+    (lp.exp() * (lp - t_logp)).sum().backward()
+    exact = x.grad.clone()
+    # the estimator on many samples x ~ p_S (old policy = current policy)
+    n = 200_000
+    x = theta.clone().requires_grad_(True)
+    lp = torch.log_softmax(x, -1)
+    tok = torch.multinomial(lp.detach().exp(), n, replacement=True, generator=g)
+    s_lp = lp[tok]
+    loss = sampled_token_loss(s_lp, s_lp.detach(), t_logp[tok], torch.ones(n, dtype=torch.float64), n)
+    loss.backward()
+    # value: the Monte Carlo reverse-KL estimate
+    kl = (lp.exp() * (lp - t_logp)).sum().item()
+    assert abs(loss.item() - kl) < 0.05 * max(kl, 0.1)
+    torch.testing.assert_close(x.grad, exact, rtol=0, atol=0.03 * exact.abs().max().item() + 1e-3)
+    # and the exact expectation (weights p_S instead of samples) equals it to round-off
+    x2 = theta.clone().requires_grad_(True)
+    lp2 = torch.log_softmax(x2, -1)
+    w = lp2.detach().exp()
+    all_tok = torch.arange(V)
+    per = -torch.exp(lp2[all_tok] - lp2[all_tok].detach()) * (t_logp - lp2.detach())
+    (w * per).sum().backward()
+    torch.testing.assert_close(x2.grad, exact, rtol=1e-12, atol=1e-12)
