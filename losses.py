@@ -17,45 +17,72 @@ their count (`n_tokens`, all micro-batches and ranks), never a per-sequence mean
 """
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 LOSSES = ("fkl", "rkl", "jsd", "sampled")
 
 
-def per_token_divergence(s_logits, t_logits, loss, beta=0.5, temperature=1.0):
-    """[N, V] student and teacher logits -> [N] divergence per position (fp32 or the inputs' float64)."""
+def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature):
+    """Per-position divergence [N] and its gradient w.r.t. the student logits [N, V], both analytic.
+
+    Written so that identical inputs give exactly 0 and an exactly-0 gradient (no round-off that Adam
+    would amplify into a real step)."""
     dt = torch.promote_types(s_logits.dtype, torch.float32)
     log_ps = F.log_softmax(s_logits.to(dt) / temperature, -1)
     log_pt = F.log_softmax(t_logits.to(dt) / temperature, -1)
+    ps = log_ps.exp()
     if loss == "fkl":
-        return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        pt = log_pt.exp()
+        return (pt * (log_pt - log_ps)).sum(-1), (ps - pt) / temperature
     if loss == "rkl":
-        return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+        d = log_ps - log_pt
+        val = (ps * d).sum(-1)
+        return val, ps * (d - val[:, None]) / temperature
     if loss == "jsd":
         if not 0 < beta < 1:
             raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
-        log_m = torch.logsumexp(torch.stack([log_pt + torch.log(torch.tensor(beta, dtype=dt)),
-                                             log_ps + torch.log(torch.tensor(1 - beta, dtype=dt))]), 0)
-        kl_tm = (log_pt.exp() * (log_pt - log_m)).sum(-1)
-        kl_sm = (log_ps.exp() * (log_ps - log_m)).sum(-1)
-        return beta * kl_tm + (1 - beta) * kl_sm
+        # log m - log p_S with m = beta p_T + (1-beta) p_S, stable for any gap d = log p_T - log p_S:
+        # log1p(beta expm1(d)) when d <= 0, else d + log(beta + (1-beta) e^-d)
+        d = log_pt - log_ps
+        lm_s = torch.where(d <= 0, torch.log1p(beta * torch.expm1(d.clamp(max=0))),
+                           d.clamp(min=0) + torch.log(beta + (1 - beta) * torch.exp(-d.clamp(min=0))))
+        lm_t = lm_s - d  # log m - log p_T
+        val = -beta * (log_pt.exp() * lm_t).sum(-1) - (1 - beta) * (ps * lm_s).sum(-1)
+        g = -(1 - beta) * lm_s  # dJ/dp_S (the terms through m cancel), then through the softmax
+        return val, ps * (g - (ps * g).sum(-1, keepdim=True)) / temperature
     raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
 
 
-def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0):
-    """Sum of the per-token divergence over masked positions / n_tokens.
+class _Divergence(torch.autograd.Function):
+    """Sum over positions of the divergence, with the analytic gradient for the student logits only
+    (the teacher's logits are constants)."""
 
-    s_logits, t_logits: [..., V] (teacher's without grad); mask: [...] bool. Only the masked positions
-    are computed. With chunk_size > 0 the positions go through in chunks under activation checkpointing,
-    so the softmax intermediates of only one chunk are alive at a time (same value and gradient)."""
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, loss, beta, temperature):
+        val, grad = _divergence_and_grad(s_logits.detach(), t_logits.detach(), loss, beta, temperature)
+        ctx.save_for_backward(grad.to(s_logits.dtype))
+        return val.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None, None
+
+
+def per_token_divergence(s_logits, t_logits, loss, beta=0.5, temperature=1.0):
+    """[N, V] student and teacher logits -> [N] divergence per position (no gradient)."""
+    return _divergence_and_grad(s_logits.detach(), t_logits.detach(), loss, beta, temperature)[0]
+
+
+def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0):
+    """Sum of the per-token divergence over masked positions / n_tokens, differentiable in s_logits.
+
+    s_logits, t_logits: [..., V]; mask: [...] bool. Only the masked positions are computed. With
+    chunk_size > 0 the positions go through in chunks, so the softmax intermediates of only one chunk
+    are alive at a time (what is kept for backward is one [N, V] gradient)."""
     s, t = s_logits[mask], t_logits[mask]
-    if chunk_size <= 0 or s.size(0) <= chunk_size:
-        return per_token_divergence(s, t, loss, beta, temperature).sum() / n_tokens
-    total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
-    for i in range(0, s.size(0), chunk_size):
-        part = checkpoint(per_token_divergence, s[i:i + chunk_size], t[i:i + chunk_size], loss, beta, temperature,
-                          use_reentrant=False)
-        total = total + part.sum()
+    step = chunk_size if chunk_size > 0 else max(1, s.size(0))
+    total = sum(_Divergence.apply(s[i:i + step], t[i:i + step], loss, beta, temperature)
+                for i in range(0, s.size(0), step))
     return total / n_tokens
 
 

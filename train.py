@@ -29,30 +29,49 @@ from tqdm import tqdm
 
 from data.countdown import EOS, PAD, TOKENIZER_PATH, answer_ids, load_split, load_tokenizer, prompt_ids
 from eval_countdown import countdown_eval, summarize
-from model import GPT, CheckpointError, GPTConfig, load_config, num_params, save_pretrained
-from rollout import pack
+from losses import LOSSES, divergence_loss, per_token_divergence, sampled_token_loss
+from model import (GPT, CheckpointError, GPTConfig, load_config, load_pretrained, load_tokenizer_for, num_params,
+                   resolve_checkpoint, save_pretrained)
+from rollout import generate, left_pad, pack
+from teacher import check_same_tokenizer, load_teacher, score, token_logprobs
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SFT on Countdown (on-policy distillation comes next)")
-    p.add_argument("--stage", default="sft", choices=["sft"])
-    p.add_argument("--out", required=True, help="run directory")
+    p = argparse.ArgumentParser(description="SFT and on-policy distillation on Countdown")
+    p.add_argument("--stage", default="distill", choices=["sft", "distill"])
+    p.add_argument("--out", default=None, help="run directory (default runs/<stage>-<loss>-l<lmbda>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    # model
+    # models
+    p.add_argument("--student", default=None, help="initial student checkpoint (distill default: checkpoints/student;"
+                   " sft default: a fresh model of the shape below)")
+    p.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-mlp", type=int, default=0, help="0 = 4 * d-model")
+    # distillation
+    p.add_argument("--lmbda", type=float, default=1.0, help="fraction of each batch's rows sampled by the student")
+    p.add_argument("--loss", default="rkl", choices=LOSSES)
+    p.add_argument("--beta", type=float, default=0.5, help="jsd interpolation, in (0, 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
+    p.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
+    p.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
+    p.add_argument("--chunk-size", type=int, default=0, help="divergence over positions in chunks (0 = all at once)")
     # optimisation
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=256, help="global batch (rows per optimizer step)")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 200")
+    p.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
+    p.add_argument("--lr", type=float, default=None, help="default: sft 2e-3, distill 5e-4")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 10")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     # eval, logging, checkpoints
-    p.add_argument("--eval-every", type=int, default=250, help="greedy val accuracy every N steps (0 = only at end)")
+    p.add_argument("--eval-every", type=int, default=None, help="val accuracy every N steps (0 = only at the end)")
     p.add_argument("--eval-n", type=int, default=0, help="val problems to evaluate (0 = all)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
@@ -61,11 +80,29 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tokenizer", default=TOKENIZER_PATH)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "save_every", "keep"):
+    sft = args.stage == "sft"
+    for name, dflt in (("steps", (1000, 200)), ("batch_size", (256, 64)), ("lr", (2e-3, 5e-4)),
+                       ("warmup", (100, 10)), ("eval_every", (250, 50))):
+        if getattr(args, name) is None:
+            setattr(args, name, dflt[0] if sft else dflt[1])
+    if args.student is None and not sft:
+        args.student = os.path.join(ROOT, "checkpoints", "student")
+    if args.out is None:
+        args.out = os.path.join("runs", f"sft-s{args.seed}" if sft else f"{args.loss}-l{args.lmbda:g}-s{args.seed}")
+    for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "save_every", "keep", "max_new_tokens",
+                 "samples_per_prompt"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0 or not 0 <= args.min_lr_frac <= 1 or args.warmup < 0 or args.eval_every < 0:
         p.error("need --lr > 0, 0 <= --min-lr-frac <= 1, --warmup >= 0, --eval-every >= 0")
+    if not 0 <= args.lmbda <= 1:
+        p.error(f"--lmbda must be in [0, 1], got {args.lmbda}")
+    if args.loss == "jsd" and not 0 < args.beta < 1:
+        p.error(f"--beta must be in (0, 1) for jsd, got {args.beta} (the GKD JSD vanishes at 0 and 1)")
+    if args.temperature < 0 or args.loss_temperature <= 0 or args.top_k < 0:
+        p.error("need --temperature >= 0, --loss-temperature > 0, --top-k >= 0")
+    if args.loss == "sampled" and (args.temperature != 1 or args.top_k):
+        p.error("--loss sampled needs the student's own distribution: --temperature 1 and no --top-k")
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
@@ -121,13 +158,14 @@ def full_state(model, optimizer):
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def save_checkpoint(args, model, optimizer, step, rank):
+def save_checkpoint(args, model, optimizer, step, rank, minutes_s=0.0):
     msd, osd = full_state(model, optimizer)  # collective: every rank takes part
     if rank == 0:
         name = f"step_{step:06d}"
         ckdir = os.path.join(args.out, "ckpt")
         save_pretrained(msd, model.cfg, os.path.join(ckdir, name), args.tokenizer,
-                        extra={"train_state.pt": {"optimizer": osd, "step": step, "args": vars(args)}})
+                        extra={"train_state.pt": {"optimizer": osd, "step": step, "train_seconds": minutes_s,
+                                                  "args": vars(args)}})
         tmp = os.path.join(args.out, "latest.tmp")
         with open(tmp, "w") as f:
             f.write(name)
@@ -139,7 +177,7 @@ def save_checkpoint(args, model, optimizer, step, rank):
 
 
 def load_checkpoint(args, model, optimizer):
-    """Restore weights and optimizer from OUT/latest; returns the step to continue from."""
+    """Restore weights and optimizer from OUT/latest; returns (step to continue from, training seconds)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -150,7 +188,7 @@ def load_checkpoint(args, model, optimizer):
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, msd, options=opts)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
-    return state["step"]
+    return state["step"], state.get("train_seconds", 0.0)
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -183,27 +221,32 @@ def evaluate(model, tok, problems, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    # -- validate everything that can be validated before touching the run directory or any process group
+    distill = args.stage == "distill"
+    # -- validate everything before touching the run directory or starting a process group
     try:
-        tok = load_tokenizer(args.tokenizer)
-    except ValueError as e:
-        fail(str(e))
-    latest = os.path.join(args.out, "latest")
-    if args.resume:
-        if not os.path.isfile(latest):
-            fail(f"--resume: {latest} does not exist")
-        try:
+        if args.resume:
+            latest = os.path.join(args.out, "latest")
+            if not os.path.isfile(latest):
+                raise CheckpointError(f"--resume: {latest} does not exist")
             with open(latest) as f:
-                cfg = load_config(os.path.join(args.out, "ckpt", f.read().strip()))
-        except CheckpointError as e:
-            fail(f"--resume: {e}")
-    else:
-        if os.path.exists(latest):
-            fail(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
-        cfg = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
-                        d_model=args.d_model, d_mlp=args.d_mlp)
-    if cfg.vocab_size != tok.get_vocab_size():
-        fail(f"tokenizer vocab {tok.get_vocab_size()} != checkpoint vocab {cfg.vocab_size}")
+                init_path = os.path.join(args.out, "ckpt", f.read().strip())
+        elif os.path.exists(os.path.join(args.out, "latest")):
+            raise CheckpointError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
+        else:
+            init_path = resolve_checkpoint(args.student) if args.student else None
+        if init_path:
+            cfg, tok = load_config(init_path), load_tokenizer_for(init_path, args.tokenizer)
+            args.tokenizer = os.path.join(init_path, "tokenizer.json") if os.path.isfile(
+                os.path.join(init_path, "tokenizer.json")) else args.tokenizer
+        else:
+            tok = load_tokenizer(args.tokenizer)
+            cfg = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
+                            d_model=args.d_model, d_mlp=args.d_mlp)
+        if distill:
+            teacher_path = resolve_checkpoint(args.teacher)
+            check_same_tokenizer(tok, load_tokenizer_for(teacher_path, args.tokenizer))
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
     try:
         os.makedirs(os.path.join(args.out, "ckpt"), exist_ok=True)
         probe = os.path.join(args.out, ".write_test")
@@ -215,14 +258,22 @@ def main(argv=None):
     rank, world, device = setup_dist(args.device)
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    n_on = round(args.lmbda * args.batch_size / world)  # on-policy rows per rank: exact in every batch
+    if n_on % args.samples_per_prompt:
+        fail(f"--lmbda * --batch-size / processes = {n_on} on-policy rows per process is not a multiple of "
+             f"--samples-per-prompt {args.samples_per_prompt}")
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
     model = GPT(cfg)
-    if rank == 0:
-        print(f"model: {num_params(model) / 1e6:.3f}M params {cfg}")
+    if init_path and not args.resume:
+        model.load_state_dict(load_pretrained(init_path).state_dict())
     model = shard(model.to(device), device)
+    teacher = shard(load_teacher(teacher_path)[0].to(device), device) if distill else None
+    if rank == 0:
+        print(f"student: {num_params(model) / 1e6:.3f}M params {cfg}" +
+              (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if distill else ""))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
-    start = load_checkpoint(args, model, optimizer) if args.resume else 0
+    start, t_train = load_checkpoint(args, model, optimizer) if args.resume else (0, 0.0)
     if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=1)
@@ -233,36 +284,76 @@ def main(argv=None):
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
 
-    train, val = load_split("train"), load_split("val")
+    train, val, test = load_split("train"), load_split("val"), load_split("test")
     val = val[:args.eval_n] if args.eval_n else val
-    pad, autocast = tok.token_to_id(PAD), device.type == "cuda"
+    pad, eos, autocast = tok.token_to_id(PAD), tok.token_to_id(EOS), device.type == "cuda"
+    summary = {}
+    if distill and start == 0:  # where the student starts, and where the teacher is
+        summary["teacher_test_accuracy"] = evaluate(teacher, tok, test, rank, world, device)["accuracy"]
+        summary["student_test_accuracy_before"] = evaluate(model, tok, test, rank, world, device)["accuracy"]
+        log(dict(step=0, **summary))
+        if rank == 0:
+            print(f"test accuracy: teacher {summary['teacher_test_accuracy']:.3f}, "
+                  f"student before {summary['student_test_accuracy_before']:.3f}")
+
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    t_train, last, step = 0.0, {}, start
+    last = {}
     for step in range(start, args.steps):
         t0 = time.time()
-        # -- SFT: cross-entropy on the answer tokens (incl. the EOS), normalised over the whole step
+        # 1. this rank's problems: the first n_on rows are on-policy, the rest off-policy
         probs = step_problems(train, step, args, rank, world)
-        batch = pack([prompt_ids(tok, n, t) for n, t, _ in probs], [answer_ids(tok, a) for _, _, a in probs],
-                     pad, device)
+        on_probs, off_probs = probs[:n_on // args.samples_per_prompt], probs[n_on:]
+        on_prompts = [prompt_ids(tok, n, t) for n, t, _ in on_probs for _ in range(args.samples_per_prompt)]
+        off_prompts = [prompt_ids(tok, n, t) for n, t, _ in off_probs]
+        # 2. completions: on-policy rows sampled by the student, the rest ground truth (or teacher samples)
+        t_roll = time.time()
+        completions = sample(model, on_prompts, args, step, rank, 0, pad, eos) if on_prompts else []
+        if args.seq_kd and off_prompts:
+            completions += sample(teacher, off_prompts, args, step, rank, 1, pad, eos)
+        else:
+            completions += [answer_ids(tok, a) for _, _, a in off_probs]
+        prompts = on_prompts + off_prompts
+        t_roll = time.time() - t_roll
+        batch = pack(prompts, completions, pad, device)
         tgt, m = batch.tokens[:, 1:], batch.mask[:, 1:]
-        n_tok = all_sum(m.sum().item(), device)
+        n_tok = all_sum(m.sum().item(), device)  # completion tokens of the whole step, all ranks
+        # 3. the frozen teacher scores every token in one forward pass
+        t_logits = score(teacher, batch, autocast) if distill else None
+        # 4. the student forward with grad
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-            logits = model(batch.tokens, batch.pos, batch.valid)
-        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tgt.flatten(), reduction="none")
-        loss = (ce * m.flatten()).sum() * world / n_tok  # FSDP averages over ranks: this makes it sum / n_tok
-        loss.backward()
+            s_logits = model(batch.tokens, batch.pos, batch.valid)[:, :-1].float()
+        # 5. the loss: summed over the step's completion tokens / their count (FSDP averages over ranks)
+        if not distill:
+            ce = F.cross_entropy(s_logits.flatten(0, 1), tgt.flatten(), reduction="none")
+            loss = (ce * m.flatten()).sum() / n_tok
+        elif args.loss == "sampled":  # one optimizer step per rollout, so p_old is the current student
+            s_lp = token_logprobs(s_logits, tgt)
+            loss = sampled_token_loss(s_lp, s_lp.detach(), token_logprobs(t_logits, tgt), m, n_tok)
+        else:
+            loss = divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta, args.loss_temperature,
+                                   args.chunk_size)
+        (loss * world).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_val = all_sum(loss.item() / world, device)
+        loss_val = all_sum(loss.item(), device)
         if not math.isfinite(loss_val):
-            fail(f"loss is {loss_val} at step {step}; the last good checkpoint is {args.out}/latest")
+            fail(f"loss is {loss_val} at step {step + 1}; stopping. The last good checkpoint is {args.out}/latest")
         dt = time.time() - t0
         t_train += dt
         last = dict(step=step + 1, loss=round(loss_val, 5), lr=lr_at(step, args), grad_norm=round(float(gnorm), 4),
                     tokens_per_s=round(all_sum(batch.valid.sum().item(), device) / dt), minutes=round(t_train / 60, 3))
+        if distill:  # what the student does on its own samples
+            on_m = m[:len(on_prompts)]
+            with torch.no_grad():
+                rkl = per_token_divergence(s_logits[:len(on_prompts)][on_m], t_logits[:len(on_prompts)][on_m], "rkl")
+            n_on_tok = all_sum(on_m.sum().item(), device)
+            last |= dict(on_policy_frac=all_sum(len(on_prompts), device) / args.batch_size,
+                         student_rkl=round(all_sum(rkl.sum().item(), device) / n_on_tok, 5) if n_on_tok else None,
+                         completion_len=round(all_sum(m.sum().item(), device) / args.batch_size, 3),
+                         rollout_s=round(t_roll, 3))
         log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4f}")
@@ -275,13 +366,31 @@ def main(argv=None):
                 bar.write(f"step {step + 1}: loss {loss_val:.4f} val accuracy {ev['accuracy']:.3f} "
                           f"format-valid {ev['format_valid']:.3f} ({t_train / 60:.1f} min)")
         if (step + 1) % args.save_every == 0 or done:
-            save_checkpoint(args, model, optimizer, step + 1, rank)
+            save_checkpoint(args, model, optimizer, step + 1, rank, t_train)
         if done:
             break
     bar.close()
+    if distill:
+        summary["student_test_accuracy_after"] = evaluate(model, tok, test, rank, world, device)["accuracy"]
+        log(dict(step=last.get("step", start), **summary))
+        if rank == 0:
+            print(f"test accuracy: student after {summary['student_test_accuracy_after']:.3f}")
     if rank == 0:
-        print(json.dumps(dict(out=args.out, **last)))
+        print(json.dumps(dict(out=args.out, **last, **summary)))
     dist.destroy_process_group()
+
+
+def sample(model, prompts, args, step, rank, stream, pad, eos):
+    """Completions (id lists, up to and including EOS) sampled from `model` for this step, seeded by
+    (seed, step, rank, stream): stream 0 is the student, 1 the teacher (seq-KD)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(((args.seed * 1_000_003 + step) * 1009 + rank) * 2 + stream)
+    ids, valid = left_pad(prompts, pad, device)
+    model.set_reshard_after_forward(False)  # decode without re-gathering every block each token
+    batch = generate(model, ids, valid, args.max_new_tokens, eos, pad, temperature=args.temperature,
+                     top_k=args.top_k or None, generator=g)
+    model.set_reshard_after_forward(True)
+    return batch.completions()
 
 
 if __name__ == "__main__":

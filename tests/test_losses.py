@@ -78,11 +78,31 @@ def test_zero_iff_identical_and_jsd_symmetric():
 
 @pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
 def test_gradcheck(loss):
-    s, t, mask = rand_case(3, B=2, T=3, V=4, scale=1.5)
-    s.requires_grad_(True)
-    t.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: divergence_loss(a, b, mask, loss, 5.0, beta=0.3, temperature=0.8,
-                                                                 chunk_size=2), (s, t))
+    # the analytic student gradient against finite differences (the teacher's logits are constants)
+    for seed, scale in ((3, 1.5), (4, 8.0)):
+        s, t, mask = rand_case(seed, B=2, T=3, V=4, scale=scale)
+        s.requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda a: divergence_loss(a, t, mask, loss, 5.0, beta=0.3, temperature=0.8,
+                                                                  chunk_size=2), (s,))
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+def test_identical_distributions_give_exactly_zero_gradient(loss):
+    s, _, mask = rand_case(5, V=23)
+    for dtype in (torch.float32, torch.float64):
+        x = s.to(dtype).requires_grad_(True)
+        val = divergence_loss(x, x.detach().clone(), mask, loss, 3.0, beta=0.37, temperature=0.9)
+        val.backward()
+        assert val.item() == 0.0 and (x.grad == 0).all()
+
+
+def test_extreme_logits_stay_finite():
+    s, t, mask = rand_case(6, scale=60.0)
+    for loss in ("fkl", "rkl", "jsd"):
+        x = s.float().requires_grad_(True)
+        val = divergence_loss(x, t.float(), mask, loss, 1.0, beta=0.1)
+        val.backward()
+        assert torch.isfinite(val) and torch.isfinite(x.grad).all()
 
 
 def test_bad_names_and_beta():
