@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     # eval, logging, checkpoints
     p.add_argument("--eval-every", type=int, default=None, help="val accuracy every N steps (0 = only at the end)")
-    p.add_argument("--eval-n", type=int, default=0, help="val problems to evaluate (0 = all)")
+    p.add_argument("--eval-n", type=int, default=0, help="val (and distill's test) problems to evaluate (0 = all)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this much training time")
@@ -285,7 +285,7 @@ def main(argv=None):
             metrics.flush()
 
     train, val, test = load_split("train"), load_split("val"), load_split("test")
-    val = val[:args.eval_n] if args.eval_n else val
+    val, test = (val[:args.eval_n], test[:args.eval_n]) if args.eval_n else (val, test)
     pad, eos, autocast = tok.token_to_id(PAD), tok.token_to_id(EOS), device.type == "cuda"
     summary = {}
     if distill and start == 0:  # where the student starts, and where the teacher is
@@ -340,6 +340,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss_val = all_sum(loss.item(), device)
         if not math.isfinite(loss_val):
+            bar.close()
             fail(f"loss is {loss_val} at step {step + 1}; stopping. The last good checkpoint is {args.out}/latest")
         dt = time.time() - t0
         t_train += dt
@@ -380,11 +381,15 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
+def rollout_seed(seed, step, rank, stream):
+    return ((seed * 1_000_003 + step) * 1009 + rank) * 2 + stream
+
+
 def sample(model, prompts, args, step, rank, stream, pad, eos):
     """Completions (id lists, up to and including EOS) sampled from `model` for this step, seeded by
     (seed, step, rank, stream): stream 0 is the student, 1 the teacher (seq-KD)."""
     device = next(model.parameters()).device
-    g = torch.Generator(device).manual_seed(((args.seed * 1_000_003 + step) * 1009 + rank) * 2 + stream)
+    g = torch.Generator(device).manual_seed(rollout_seed(args.seed, step, rank, stream))
     ids, valid = left_pad(prompts, pad, device)
     model.set_reshard_after_forward(False)  # decode without re-gathering every block each token
     batch = generate(model, ids, valid, args.max_new_tokens, eos, pad, temperature=args.temperature,

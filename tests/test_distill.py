@@ -1,0 +1,157 @@
+"""The distillation stage of train.py on tiny random models (in-process, one CPU process)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT
+from data.countdown import EOS, PAD, TOKENIZER_PATH, load_split, load_tokenizer, prompt_ids
+from losses import per_token_divergence
+from model import GPT, GPTConfig, load_pretrained, save_pretrained
+from rollout import generate, left_pad
+
+FAST = ["--batch-size", "8", "--max-new-tokens", "6", "--eval-n", "8", "--eval-every", "0", "--warmup", "0"]
+
+
+def make_ckpt(path, seed, n_layer, sharpen=1.0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=23, n_layer=n_layer, n_head=2, d_model=32, d_mlp=64)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.head.weight.mul_(sharpen)  # a peaked teacher: something to distill
+    save_pretrained(model.state_dict(), cfg, str(path), TOKENIZER_PATH)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    return make_ckpt(d / "teacher", 1, 2, sharpen=20.0), make_ckpt(d / "student", 2, 1)
+
+
+def run_main(argv):
+    train.main(argv)
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 0.25, 0.5, 1.0])
+def test_on_policy_fraction_is_exact_and_lambda_zero_never_samples(ckpts, tmp_path, monkeypatch, lmbda):
+    teacher, student = ckpts
+    sampled = []
+    real_sample = train.sample
+    monkeypatch.setattr(train, "sample", lambda model, prompts, *a: sampled.append((model, len(prompts))) or
+                        real_sample(model, prompts, *a))
+    out = str(tmp_path / "run")
+    run_main(["--teacher", teacher, "--student", student, "--out", out, "--lmbda", str(lmbda), "--steps", "4", *FAST])
+    steps = [r for r in rows(out) if "on_policy_frac" in r]
+    assert len(steps) == 4 and all(r["on_policy_frac"] == lmbda for r in steps)
+    assert sum(n for _, n in sampled) == round(lmbda * 8) * 4  # exactly lambda of every batch's rows
+    if lmbda == 0:
+        assert sampled == [] and all(r["student_rkl"] is None for r in steps)
+
+
+def fresh_rkl(student, teacher, seed, n=128):
+    """Per-token reverse KL to the teacher on fresh student samples (full distributions)."""
+    tok = load_tokenizer()
+    probs = load_split("val")[:n]
+    ids, valid = left_pad([prompt_ids(tok, a, b) for a, b, _ in probs], 0)
+    b = generate(student, ids, valid, 6, 2, 0, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        s, t = student(b.tokens, b.pos, b.valid)[:, :-1], teacher(b.tokens, b.pos, b.valid)[:, :-1]
+    m = b.mask[:, 1:]
+    return per_token_divergence(s[m], t[m], "rkl").mean().item()
+
+
+@pytest.mark.parametrize("loss", ["rkl", "fkl", "jsd", "sampled"])
+def test_one_step_lowers_reverse_kl_on_fresh_samples(ckpts, tmp_path, loss):
+    teacher, student = ckpts
+    out = str(tmp_path / "run")
+    run_main(["--teacher", teacher, "--student", student, "--out", out, "--loss", loss, "--steps", "1", "--lr", "1e-2",
+              "--weight-decay", "0", *FAST, "--batch-size", "32"])
+    t, before = load_pretrained(teacher), load_pretrained(student)
+    after = load_pretrained(os.path.join(out, "ckpt", "step_000001"))
+    kl0, kl1 = fresh_rkl(before, t, 123), fresh_rkl(after, t, 123)
+    assert kl1 < 0.98 * kl0, (kl0, kl1)
+
+
+@pytest.mark.parametrize("loss", ["rkl", "jsd", "sampled"])
+def test_teacher_equal_to_student_gives_zero_loss_and_no_update(ckpts, tmp_path, loss):
+    _, student = ckpts
+    out = str(tmp_path / "run")
+    run_main(["--teacher", student, "--student", student, "--out", out, "--loss", loss, "--steps", "2",
+              "--weight-decay", "0", "--lmbda", "0.5", *FAST])
+    assert all(r["loss"] == 0 for r in rows(out) if "loss" in r)
+    a, b = weights(student), weights(os.path.join(out, "ckpt", "step_000002"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seq_kd_rows_are_teacher_samples(ckpts, tmp_path, monkeypatch):
+    teacher, student = ckpts
+    packed = []
+    real_pack = train.pack
+    monkeypatch.setattr(train, "pack", lambda p, c, *a: packed.append((p, c)) or real_pack(p, c, *a))
+    run_main(["--teacher", teacher, "--student", student, "--out", str(tmp_path / "run"), "--lmbda", "0.5",
+              "--seq-kd", "--steps", "1", *FAST])
+    prompts, comps = packed[0]
+    tok = load_tokenizer()
+    t_model = load_pretrained(teacher)
+    off_p, off_c = prompts[4:], comps[4:]
+    ids, valid = left_pad(off_p, tok.token_to_id(PAD))
+    g = torch.Generator().manual_seed(train.rollout_seed(0, 0, 0, 1))
+    ref = generate(t_model, ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD), temperature=1.0, generator=g)
+    assert off_c == ref.completions()
+    s_ref = generate(load_pretrained(student), ids, valid, 6, 2, 0, temperature=1.0,
+                     generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 0, 1)))
+    assert off_c != s_ref.completions()  # and they are not the student's
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_bad_input_fails_before_training(ckpts, tmp_path):
+    teacher, student = ckpts
+    base = ["--teacher", teacher, "--student", student, "--out", str(tmp_path / "run"), *FAST]
+    other = tmp_path / "otherteacher"
+    make_ckpt(other, 3, 1)
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({"[PAD]": 0, "[BOS]": 1, "[EOS]": 2} | {c: i + 3 for i, c in enumerate("0123456789+-*/=,>: x")},
+                               unk_token="x")).save(str(other / "tokenizer.json"))
+    for args, want in ((["--lmbda", "1.5"], "--lmbda"), (["--loss", "jsd", "--beta", "0"], "--beta"),
+                       (["--loss", "kl"], "invalid choice"), (["--teacher", str(tmp_path / "nope")], "does not exist"),
+                       (["--teacher", str(other)], "tokenizers differ")):
+        r = cli(*base, *args)
+        assert r.returncode != 0 and want in r.stderr.strip().splitlines()[-1], (args, r.stderr[-500:])
+        assert not os.path.exists(os.path.join(tmp_path, "run", "latest"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(ckpts, tmp_path):
+    teacher, student = ckpts
+    out = str(tmp_path / "run")
+    assert cli("--teacher", teacher, "--student", student, "--out", out, "--steps", "4", "--save-every", "1",
+               "--max-minutes", "0", *FAST[:-2], "--warmup", "0", "--steps", "2").returncode == 0
+    bad = tmp_path / "nanteacher"
+    sd, m = weights(teacher), load_pretrained(teacher)
+    sd["head.weight"][0, 0] = float("nan")
+    save_pretrained(sd, m.cfg, str(bad), TOKENIZER_PATH)
+    r = cli("--teacher", str(bad), "--student", student, "--out", out, "--steps", "4", "--save-every", "1",
+            "--resume", *FAST)
+    assert r.returncode != 0 and "step 3" in r.stderr.strip().splitlines()[-1]
+    with open(os.path.join(out, "latest")) as f:
+        assert f.read() == "step_000002"
+    assert all(math.isfinite(v.abs().sum().item()) for v in weights(os.path.join(out, "ckpt", "step_000002")).values())
