@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.countdown import EOS, PAD, TOKENIZER_PATH, answer_ids, load_split, load_tokenizer, prompt_ids
+from data.countdown import EOS, PAD, TOKENIZER_PATH, answer_ids, augment, load_split, load_tokenizer, prompt_ids
 from eval_countdown import countdown_eval, summarize
 from losses import LOSSES, divergence_loss, per_token_divergence, sampled_token_loss
 from model import (GPT, CheckpointError, GPTConfig, load_config, load_pretrained, load_tokenizer_for, num_params,
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
     p.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
     p.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
+    p.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
+                   "valid solution (fights memorising the small problem universe)")
     p.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
@@ -203,7 +206,11 @@ def step_problems(problems, step, args, rank, world):
     """This rank's share of step `step`'s global batch: the same for any number of processes."""
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     idx = torch.randint(len(problems), (args.batch_size,), generator=g).tolist()
-    return [problems[i] for i in idx[rank::world]]
+    probs = [problems[i] for i in idx]
+    if args.augment:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        probs = [augment(p, rng) for p in probs]
+    return probs[rank::world]
 
 
 def evaluate(model, tok, problems, rank, world, device):
@@ -258,7 +265,8 @@ def main(argv=None):
     rank, world, device = setup_dist(args.device)
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    n_on = round(args.lmbda * args.batch_size / world)  # on-policy rows per rank: exact in every batch
+    # on-policy rows per rank: exact in every batch; SFT trains on ground truth only
+    n_on = round(args.lmbda * args.batch_size / world) if distill else 0
     if n_on % args.samples_per_prompt:
         fail(f"--lmbda * --batch-size / processes = {n_on} on-policy rows per process is not a multiple of "
              f"--samples-per-prompt {args.samples_per_prompt}")

@@ -72,6 +72,40 @@ def solve_all(numbers):
     return found
 
 
+def all_solutions(numbers, target):
+    """Every step list (a >= b in each step) that reaches `target`, in the solver's fixed order."""
+    out = []
+
+    def rec(nums, steps):
+        if len(nums) == 1:
+            if nums[0] == target:
+                out.append(list(steps))
+            return
+        for i in range(len(nums)):
+            for j in range(i + 1, len(nums)):
+                a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
+                rest = [nums[k] for k in range(len(nums)) if k != i and k != j]
+                for op in "+-*/":
+                    c = apply_op(a, op, b)
+                    if c is not None and c > 0:
+                        steps.append((a, op, b, c))
+                        rec(rest + [c], steps)
+                        steps.pop()
+
+    rec(list(numbers), [])
+    return out
+
+
+def augment(problem, rng):
+    """A training-time variant of a problem: the numbers in a random order and a random valid solution.
+
+    Same problem (so splits stay disjoint), many texts: the model cannot memorise one string per problem."""
+    nums, target, _ = problem
+    nums = list(nums)
+    rng.shuffle(nums)
+    return tuple(nums), target, format_steps(rng.choice(all_solutions(nums, target)))
+
+
 def solve(numbers, target):
     """One solution (answer text) reaching `target`, or None if there is none."""
     steps = solve_all(numbers).get(target)

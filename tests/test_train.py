@@ -52,7 +52,7 @@ def test_sft_lowers_loss_and_logs(sft_run):
 
 def test_eval_loads_checkpoint(sft_run):
     out, _ = sft_run
-    r = run("eval_countdown.py", out, "--n", "20", "--show", "2")
+    r = run("eval_countdown.py", out, "--n", "20", "--examples", "2")
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["n"] == 20 and res["ckpt"].endswith("step_000040")
     assert 0 <= res["greedy_accuracy"] <= 1 and 0 <= res["greedy_format_valid"] <= 1 and res["greedy_mean_tokens"] > 0
@@ -95,7 +95,8 @@ def test_train_bad_input_destroys_nothing(sft_run, tmp_path):
     assert "does not exist" in one_line_error(run("train.py", "--out", str(tmp_path / "none"), "--resume", check=False))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert "cannot write" in one_line_error(run("train.py", "--out", str(blocker / "run"), *TINY, check=False))
+    assert "cannot write" in one_line_error(run("train.py", "--stage", "sft", "--out", str(blocker / "run"), *TINY,
+                                                check=False))
     assert snapshot(out) == before
 
 
