@@ -3,19 +3,21 @@
     python eval_countdown.py checkpoints/teacher                  # greedy accuracy on the test split
     python eval_countdown.py runs/sft --split val --n 200         # a run directory: its latest checkpoint
     python eval_countdown.py CKPT --sample-temperature 1.0 --samples 4   # plus sampled accuracy
+    python eval_countdown.py --table runs/rkl-l*                  # Markdown table of distillation runs
+    python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
 
 Prints accuracy, the format-valid rate (the answer has the step-list shape, right or wrong), the mean
 answer length in tokens, and a few examples; the last stdout line is one JSON object.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
 import torch
 
-from data.countdown import (EOS, PAD, TOKENIZER_PATH, is_well_formed, load_split, prompt_ids, prompt_text,
-                            verify)
+from data.countdown import EOS, PAD, TOKENIZER_PATH, is_well_formed, load_split, prompt_ids, prompt_text, verify
 from model import CheckpointError, load_pretrained, load_tokenizer_for, resolve_checkpoint
 from rollout import generate, left_pad
 
@@ -44,9 +46,101 @@ def summarize(rows):
                 mean_tokens=sum(r["n_tokens"] for r in rows) / n, n=len(rows))
 
 
+def run_table(run_dirs):
+    """Markdown table of distillation runs, seeds of the same setting pooled (mean +- std)."""
+    groups = {}
+    for d in run_dirs:
+        try:
+            with open(os.path.join(d, "args.json")) as f:
+                a = json.load(f)
+            with open(os.path.join(d, "metrics.jsonl")) as f:
+                recs = [json.loads(line) for line in f]
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{d}: not a finished run ({e})")
+        final = [r for r in recs if "student_test_accuracy_after" in r]
+        start = [r for r in recs if "student_test_accuracy_before" in r]
+        if not final or not start:
+            raise ValueError(f"{d}: no final test accuracy in metrics.jsonl (is it a finished distill run?)")
+        key = (a["loss"], a["lmbda"], a["beta"] if a["loss"] == "jsd" else None, a["steps"], a.get("seq_kd", False))
+        groups.setdefault(key, []).append(dict(run=os.path.basename(os.path.normpath(d)), seed=a["seed"],
+                                               acc=final[-1]["student_test_accuracy_after"],
+                                               start=start[0]["student_test_accuracy_before"],
+                                               teacher=start[0]["teacher_test_accuracy"],
+                                               minutes=max((r.get("minutes", 0) for r in recs), default=0)))
+    lines = ["| run | lambda | loss | beta | seeds | steps | student acc | % of teacher | gap recovered | min/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (loss, lmbda, beta, steps, seq_kd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        accs = [r["acc"] for r in rs]
+        mean = sum(accs) / len(accs)
+        std = (sum((x - mean) ** 2 for x in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
+        teacher, start = sum(r["teacher"] for r in rs) / len(rs), sum(r["start"] for r in rs) / len(rs)
+        gap = f"{(mean - start) / (teacher - start):+.2f}" if teacher != start else "n/a"
+        name = rs[0]["run"].rsplit("-s", 1)[0] + (" (seq-KD)" if seq_kd else "")
+        lines.append(f"| {name} | {lmbda:g} | {loss} | {beta if beta is not None else '-'} | "
+                     f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | {steps} | "
+                     f"{100 * mean:.1f} +- {100 * std:.1f} | {100 * mean / teacher:.0f}% | {gap} | "
+                     f"{sum(r['minutes'] for r in rs) / len(rs):.1f} |")
+    lines.append(f"\nteacher test accuracy {100 * teacher:.1f}%, student start {100 * start:.1f}% "
+                 "(greedy, test split; gap recovered = (student - start) / (teacher - start))")
+    return "\n".join(lines)
+
+
+def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_path=None):
+    """Student rollouts with each token shaded by its per-token reverse KL to the teacher."""
+    import html as html_lib
+    from losses import per_token_divergence
+    from teacher import check_same_tokenizer, load_teacher
+    path = resolve_checkpoint(ckpt)
+    tok = load_tokenizer_for(path, tokenizer_path)
+    student = load_pretrained(path)
+    teacher, t_tok = load_teacher(teacher_dir, default_tokenizer=tokenizer_path)
+    check_same_tokenizer(tok, t_tok)
+    problems = load_split("test")[:n]
+    eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
+    ids, valid = left_pad([prompt_ids(tok, a, b) for a, b, _ in problems], pad)
+    batch = generate(student, ids, valid, 24, eos, pad, temperature=temperature,
+                     generator=torch.Generator().manual_seed(seed))
+    s_logits = student(batch.tokens, batch.pos, batch.valid)[:, :-1]
+    t_logits = teacher(batch.tokens, batch.pos, batch.valid)[:, :-1]
+    kl = per_token_divergence(s_logits.flatten(0, 1), t_logits.flatten(0, 1), "rkl").view(s_logits.shape[:2])
+    shades = [(0.05, 0), (0.3, 229), (1.0, 214), (3.0, 202), (float("inf"), 196)]  # KL thresholds, ANSI 256 colours
+    term, web = [], []
+    for i, (nums, target, _) in enumerate(problems):
+        toks, ks = [], []
+        for j in range(batch.prompt_len, batch.tokens.size(1)):
+            if batch.mask[i, j]:
+                t = int(batch.tokens[i, j])
+                toks.append("<eos>" if t == eos else tok.id_to_token(t))
+                ks.append(float(kl[i, j - 1]))
+        text = "".join(toks).replace("<eos>", "")
+        ok = verify(nums, target, text)
+        line = f"{'ok ' if ok else 'BAD'} {prompt_text(nums, target)}"
+        spans = []
+        for t, k in zip(toks, ks):
+            colour = next(c for thr, c in shades if k < thr)
+            line += f"\x1b[48;5;{colour}m{t}\x1b[0m" if colour else t
+            alpha = min(1.0, k / 3.0)
+            spans.append(f'<span title="rkl {k:.3f}" style="background:rgba(255,0,0,{alpha:.2f})">'
+                         f'{html_lib.escape(t)}</span>')
+        term.append(line + f"   max rkl {max(ks, default=0):.2f}")
+        web.append(f"<div><code>{'ok' if ok else 'BAD'} {html_lib.escape(prompt_text(nums, target))}{''.join(spans)}"
+                   f"</code></div>")
+    print("per-token KL(student || teacher): none < 0.05 <= yellow < 0.3 <= orange < 1 <= dark orange < 3 <= red")
+    print("\n".join(term))
+    if html_path:
+        with open(html_path, "w") as f:
+            f.write("<html><body style='font-size:18px'><p>per-token reverse KL to the teacher (hover for the value)</p>"
+                    + "\n".join(web) + "</body></html>")
+        print(f"wrote {html_path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("ckpt", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("ckpt", nargs="?", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a Markdown table of these distill runs")
+    p.add_argument("--show", metavar="CKPT", help="show student rollouts shaded by per-token KL to --teacher")
+    p.add_argument("--teacher", help="teacher checkpoint for --show")
+    p.add_argument("--html", help="with --show: also write an HTML file")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--n", type=int, default=0, help="first N problems of the split (0 = all)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -54,9 +148,25 @@ def main(argv=None):
     p.add_argument("--sample-temperature", type=float, default=None, help="also report sampled accuracy")
     p.add_argument("--samples", type=int, default=1, help="samples per problem for sampled accuracy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show", type=int, default=5, help="examples to print")
+    p.add_argument("--examples", type=int, default=5, help="examples to print")
     p.add_argument("--tokenizer", default=TOKENIZER_PATH, help="used when the checkpoint has no tokenizer.json")
     args = p.parse_args(argv)
+    if sum(x is not None for x in (args.ckpt, args.table, args.show)) != 1:
+        p.error("give one of: CKPT, --table RUN_DIR..., --show CKPT")
+    try:
+        if args.table:
+            print(run_table(args.table))
+            return 0
+        if args.show:
+            if not args.teacher:
+                p.error("--show needs --teacher DIR")
+            with torch.no_grad():
+                show_forks(args.show, args.teacher, args.tokenizer, args.n or 8, args.seed,
+                           args.sample_temperature or 1.0, args.html)
+            return 0
+    except (CheckpointError, ValueError) as e:
+        print(f"eval_countdown.py: error: {e}", file=sys.stderr)
+        return 2
     if args.n < 0 or args.batch_size < 1 or args.samples < 1 or args.max_new_tokens < 1:
         p.error("--n must be >= 0, --batch-size, --samples and --max-new-tokens >= 1")
     if args.sample_temperature is not None and args.sample_temperature <= 0:
@@ -74,7 +184,7 @@ def main(argv=None):
     t0 = time.time()
     rows = countdown_eval(model, tok, problems, args.batch_size, 0.0, max_new_tokens=args.max_new_tokens)
     result = dict(ckpt=path, split=args.split, **{f"greedy_{k}" if k != "n" else k: v for k, v in summarize(rows).items()})
-    for r in rows[:args.show]:
+    for r in rows[:args.examples]:
         print(f"{'ok ' if r['correct'] else 'BAD'} {r['prompt']}{r['answer']}")
     if args.sample_temperature is not None:
         g = torch.Generator().manual_seed(args.seed)
