@@ -64,22 +64,34 @@ def pack(prompts, completions, pad_id, device=None):
                  mask=torch.cat([torch.zeros_like(pvalid), cmask], 1).to(device), prompt_len=P)
 
 
-def sample_token(logits, temperature, top_k=None, generator=None):
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy (and ignores the generator)."""
+def sample_token(logits, temperature, top_k=None, generator=None, noise=None):
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy (and ignores the generator).
+
+    Sampling is Gumbel-max: argmax(logits / temperature + Gumbel noise) draws from
+    softmax(logits / temperature) exactly. `noise` [B, V] is uniform(0, 1); when it is not given it is
+    drawn from `generator`. Passing the noise lets a caller make a row's sample depend only on the row's
+    own slice of one global draw, not on which other rows share its batch (see `generate`)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if noise is None:
+        noise = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
-             temperature=1.0, top_k=None, generator=None):
+             temperature=1.0, top_k=None, generator=None, rows=None, n_rows=None):
     """Sample completions for left-padded prompts with a preallocated KV cache.
+
+    rows / n_rows: these B prompts are rows `rows` (a LongTensor [B]) of a global batch of n_rows
+    (default: the whole batch, in order). Each decode step draws one [n_rows, V] block of uniform noise
+    from `generator` and row i uses row rows[i] of it, so a row's sample depends only on the seed and its
+    global row index, not on which rows share its batch: split over the ranks of a torchrun job (every
+    rank seeding the same generator), N processes sample exactly what one process samples.
 
     The prompts are prefilled once; then one token per step for every row, until every row has emitted
     EOS or max_new_tokens is reached. Under torch.distributed with several ranks, every rank runs the same
@@ -97,9 +109,18 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
     live = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     running = torch.ones(B, dtype=torch.bool, device=device)
     sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if n_rows is None:
+        n_rows, rows = B, None
+    elif rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    V = logits.size(-1)
     n = 0
     for t in range(max_new_tokens):
-        tok = sample_token(logits, temperature, top_k, generator)
+        noise = None
+        if temperature > 0:
+            noise = torch.rand(n_rows, V, generator=generator, device=device)
+            noise = noise if rows is None else noise[rows]
+        tok = sample_token(logits, temperature, top_k, noise=noise)
         tok = torch.where(running, tok, pad_id)
         lp = F.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
         toks[:, t], lps[:, t], live[:, t] = tok, torch.where(running, lp, 0.0), running

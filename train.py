@@ -195,6 +195,24 @@ def load_checkpoint(args, model, optimizer):
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+def open_metrics(path, start):
+    """metrics.jsonl for appending, holding only the records of steps <= start (a killed run may have
+    logged steps after its last checkpoint; the resumed run logs them again)."""
+    keep = []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= start:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    pass  # a line cut by the kill
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -202,15 +220,23 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def step_problems(problems, step, args, rank, world):
-    """This rank's share of step `step`'s global batch: the same for any number of processes."""
+def step_problems(problems, step, args):
+    """Step `step`'s global batch of problems, drawn by a generator seeded with (seed, step): the same for
+    any number of processes, and after a resume."""
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     idx = torch.randint(len(problems), (args.batch_size,), generator=g).tolist()
     probs = [problems[i] for i in idx]
     if args.augment:
         rng = random.Random(args.seed * 1_000_003 + step)
         probs = [augment(p, rng) for p in probs]
-    return probs[rank::world]
+    return probs
+
+
+def split_rows(probs, n_on, spp):
+    """The step's global rows: n_on on-policy rows (n_on / spp problems, each spp times in a row), then
+    the off-policy rows (the next batch - n_on problems). Returns (on-policy problems, off-policy problems)."""
+    n_prompts = n_on // spp
+    return [p for p in probs[:n_prompts] for _ in range(spp)], probs[n_prompts:n_prompts + len(probs) - n_on]
 
 
 def evaluate(model, tok, problems, rank, world, device):
@@ -230,6 +256,8 @@ def main(argv=None):
     args = parse_args(argv)
     distill = args.stage == "distill"
     # -- validate everything before touching the run directory or starting a process group
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and os.path.isfile(os.path.join(args.out, "latest")):
+        args.resume = True  # torchrun --max-restarts restarted this job: continue from the latest checkpoint
     try:
         if args.resume:
             latest = os.path.join(args.out, "latest")
@@ -265,11 +293,11 @@ def main(argv=None):
     rank, world, device = setup_dist(args.device)
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    # on-policy rows per rank: exact in every batch; SFT trains on ground truth only
-    n_on = round(args.lmbda * args.batch_size / world) if distill else 0
-    if n_on % args.samples_per_prompt:
-        fail(f"--lmbda * --batch-size / processes = {n_on} on-policy rows per process is not a multiple of "
-             f"--samples-per-prompt {args.samples_per_prompt}")
+    # on-policy rows of the step: exactly lambda of every batch, the same share on every rank (SFT: none)
+    n_on = round(args.lmbda * args.batch_size) if distill else 0
+    if n_on % args.samples_per_prompt or n_on % world:
+        fail(f"--lmbda * --batch-size = {n_on} on-policy rows is not a multiple of --samples-per-prompt "
+             f"{args.samples_per_prompt} and of the {world} processes")
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
     model = GPT(cfg)
     if init_path and not args.resume:
@@ -285,7 +313,7 @@ def main(argv=None):
     if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=1)
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), start) if rank == 0 else None
 
     def log(rec):
         if metrics:
@@ -303,23 +331,26 @@ def main(argv=None):
         if rank == 0:
             print(f"test accuracy: teacher {summary['teacher_test_accuracy']:.3f}, "
                   f"student before {summary['student_test_accuracy_before']:.3f}")
+    elif distill and rank == 0:  # resumed: the start-of-run accuracies were logged at step 0
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            summary = {k: v for rec in map(json.loads, f) if rec["step"] == 0 for k, v in rec.items() if k != "step"}
 
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
     last = {}
     for step in range(start, args.steps):
         t0 = time.time()
-        # 1. this rank's problems: the first n_on rows are on-policy, the rest off-policy
-        probs = step_problems(train, step, args, rank, world)
-        on_probs, off_probs = probs[:n_on // args.samples_per_prompt], probs[n_on:]
-        on_prompts = [prompt_ids(tok, n, t) for n, t, _ in on_probs for _ in range(args.samples_per_prompt)]
-        off_prompts = [prompt_ids(tok, n, t) for n, t, _ in off_probs]
+        # 1. the step's global rows (the first n_on on-policy, the rest off-policy); rank r takes r::world
+        on_rows, off_rows = split_rows(step_problems(train, step, args), n_on, args.samples_per_prompt)
+        on_mine, off_mine = on_rows[rank::world], off_rows[rank::world]
+        on_prompts = [prompt_ids(tok, n, t) for n, t, _ in on_mine]
+        off_prompts = [prompt_ids(tok, n, t) for n, t, _ in off_mine]
         # 2. completions: on-policy rows sampled by the student, the rest ground truth (or teacher samples)
         t_roll = time.time()
-        completions = sample(model, on_prompts, args, step, rank, 0, pad, eos) if on_prompts else []
+        completions = sample(model, on_prompts, args, step, 0, rank, world, pad, eos) if on_prompts else []
         if args.seq_kd and off_prompts:
-            completions += sample(teacher, off_prompts, args, step, rank, 1, pad, eos)
+            completions += sample(teacher, off_prompts, args, step, 1, rank, world, pad, eos)
         else:
-            completions += [answer_ids(tok, a) for _, _, a in off_probs]
+            completions += [answer_ids(tok, a) for _, _, a in off_mine]
         prompts = on_prompts + off_prompts
         t_roll = time.time() - t_roll
         batch = pack(prompts, completions, pad, device)
@@ -389,19 +420,21 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
-def rollout_seed(seed, step, rank, stream):
-    return ((seed * 1_000_003 + step) * 1009 + rank) * 2 + stream
+def rollout_seed(seed, step, stream):
+    return (seed * 1_000_003 + step) * 2 + stream
 
 
-def sample(model, prompts, args, step, rank, stream, pad, eos):
-    """Completions (id lists, up to and including EOS) sampled from `model` for this step, seeded by
-    (seed, step, rank, stream): stream 0 is the student, 1 the teacher (seq-KD)."""
+def sample(model, prompts, args, step, stream, rank, world, pad, eos):
+    """Completions (id lists, up to and including EOS) sampled from `model` for this rank's rows r::world
+    of the step's global rows of this stream (0: the student's on-policy rows, 1: the teacher's seq-KD
+    rows). Seeded by (seed, step, stream) on every rank, so N processes sample what one process does."""
     device = next(model.parameters()).device
-    g = torch.Generator(device).manual_seed(rollout_seed(args.seed, step, rank, stream))
+    g = torch.Generator(device).manual_seed(rollout_seed(args.seed, step, stream))
     ids, valid = left_pad(prompts, pad, device)
+    n_rows = len(prompts) * world  # every rank holds the same number of this stream's rows
     model.set_reshard_after_forward(False)  # decode without re-gathering every block each token
     batch = generate(model, ids, valid, args.max_new_tokens, eos, pad, temperature=args.temperature,
-                     top_k=args.top_k or None, generator=g)
+                     top_k=args.top_k or None, generator=g, rows=range(rank, n_rows, world), n_rows=n_rows)
     model.set_reshard_after_forward(True)
     return batch.completions()
 

@@ -111,11 +111,11 @@ def test_seq_kd_rows_are_teacher_samples(ckpts, tmp_path, monkeypatch):
     t_model = load_pretrained(teacher)
     off_p, off_c = prompts[4:], comps[4:]
     ids, valid = left_pad(off_p, tok.token_to_id(PAD))
-    g = torch.Generator().manual_seed(train.rollout_seed(0, 0, 0, 1))
+    g = torch.Generator().manual_seed(train.rollout_seed(0, 0, 1))
     ref = generate(t_model, ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD), temperature=1.0, generator=g)
     assert off_c == ref.completions()
     s_ref = generate(load_pretrained(student), ids, valid, 6, 2, 0, temperature=1.0,
-                     generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 0, 1)))
+                     generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 1)))
     assert off_c != s_ref.completions()  # and they are not the student's
 
 
