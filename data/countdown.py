@@ -10,7 +10,8 @@ Text format (one problem):
 Rules: results of each step are positive integers; division must be exact. The last step's result is the
 target, and every given number (and every intermediate result) is used exactly once.
 
-    python -m data.countdown            # writes data/tokenizer.json, prints split sizes and examples
+    python -m data.countdown            # writes data/tokenizer.json and data/tokenizer_num.json, prints
+                                        # split sizes and examples
 """
 import hashlib
 import json
@@ -253,14 +254,42 @@ def answer_ids(tok, answer):
     return tok.encode(answer).ids + [tok.token_to_id(EOS)]
 
 
+# ------------------------------------------------------------------------- number-level tokenizer (2nd)
+# A second tokenizer over the same text, for cross-tokenizer distillation: whole numbers are single tokens.
+# Numbers 0..999 are in the vocabulary (every operand, target and intermediate result of the rules is <= 400,
+# see NUM_MAX); a digit run is cut left to right into canonical numbers of at most 3 digits, a leading zero
+# standing alone, so any digit string (model output "1234" -> "123" "4", "007" -> "0" "0" "7") tokenizes
+# into vocabulary tokens and decodes back to exactly the same text.
+
+NUM_TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_num.json")
+NUM_MAX = 999
+_NUM_SPLIT = r"0|[1-9][0-9]{0,2}|."  # a lone 0, a number of 1-3 digits without leading zero, or one character
+
+
+def build_num_tokenizer():
+    """Number-level WordLevel tokenizer: [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3, the non-digit characters of
+    CHARS, then "0".."999" (one token per whole number)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    symbols = [c for c in CHARS if not c.isdigit()]
+    vocab = {t: i for i, t in enumerate([PAD, BOS, EOS, UNK] + symbols + [str(n) for n in range(NUM_MAX + 1)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_NUM_SPLIT), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([PAD, BOS, EOS, UNK])
+    return tok
+
+
 def main():
     tok = build_tokenizer()
     tok.save(TOKENIZER_PATH)
+    num_tok = build_num_tokenizer()
+    num_tok.save(NUM_TOKENIZER_PATH)
     sizes = {s: len(load_split(s)) for s in ("train", "val", "test")}
     print(f"wrote {TOKENIZER_PATH} (vocab {tok.get_vocab_size()})")
+    print(f"wrote {NUM_TOKENIZER_PATH} (vocab {num_tok.get_vocab_size()})")
     for nums, target, ans in load_split("test")[:5]:
         print(f"  {prompt_text(nums, target)}{ans}")
-    print(json.dumps({"splits": sizes, "vocab_size": tok.get_vocab_size()}))
+    print(json.dumps({"splits": sizes, "vocab_size": tok.get_vocab_size(), "num_vocab_size": num_tok.get_vocab_size()}))
 
 
 if __name__ == "__main__":
