@@ -28,13 +28,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.countdown import EOS, PAD, TOKENIZER_PATH, answer_ids, augment, load_split, load_tokenizer, prompt_ids
+from data.countdown import (EOS, PAD, TOKENIZER_PATH, answer_ids, augment, load_split, load_tokenizer, prompt_ids,
+                            prompt_text)
 from eval_countdown import countdown_eval, summarize
-from losses import LOSSES, divergence_loss, per_token_divergence, sampled_token_loss
+from losses import (LOSSES, divergence_loss, hybrid_uld_loss, per_token_divergence, sampled_token_loss,
+                    span_sampled_token_loss)
 from model import (GPT, CheckpointError, GPTConfig, load_config, load_pretrained, load_tokenizer_for, num_params,
                    resolve_checkpoint, save_pretrained)
 from rollout import generate, left_pad, pack
-from teacher import check_same_tokenizer, load_teacher, score, token_logprobs
+from teacher import (check_same_tokenizer, cross_tokenizer_batch, load_teacher, score, shared_vocab, span_logprobs,
+                     token_logprobs)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
                    "valid solution (fights memorising the small problem universe)")
     p.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth")
+    p.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
+                   help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
+                   "differ; off: refuse such a teacher)")
+    p.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
+                   "term on the tokens the two vocabularies do not share")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
     p.add_argument("--chunk-size", type=int, default=0, help="divergence over positions in chunks (0 = all at once)")
@@ -239,6 +247,51 @@ def split_rows(probs, n_on, spp):
     return [p for p in probs[:n_prompts] for _ in range(spp)], probs[n_prompts:n_prompts + len(probs) - n_on]
 
 
+def longest_prompt(tok):
+    """The most tokens any Countdown prompt ([BOS] + text) takes in this tokenizer."""
+    texts = [prompt_text(n, t) for split in ("train", "val", "test") for n, t, _ in load_split(split)]
+    return 1 + max(len(e.ids) for e in tok.encode_batch(texts))
+
+
+def check_context(tok, t_tok, cfg, t_cfg, max_new_tokens):
+    """Refuse (ValueError) a --max-new-tokens whose longest rollout would not fit the student's or the
+    teacher's context. Across tokenizers the teacher needs at most one token per character of the
+    completion (+ EOS), and a student token is at most `chars` characters."""
+    n = longest_prompt(tok) + max_new_tokens
+    if n > cfg.max_seq_len:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt + completion is {n} tokens, "
+                         f"over the student's context of {cfg.max_seq_len}")
+    if t_tok is not tok:
+        special = set(tok.get_added_tokens_decoder())
+        chars = max(len(t) for t, i in tok.get_vocab().items() if i not in special)
+        n = longest_prompt(t_tok) + max_new_tokens * chars + 1
+        if n > t_cfg.max_seq_len:
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: a completion of up to {max_new_tokens * chars} "
+                             f"characters needs up to {n} teacher tokens with its prompt, over the teacher's "
+                             f"context of {t_cfg.max_seq_len}")
+
+
+def cross_tokenizer_loss(s_logits, t_logits, tgt, cb, shared, args, n_tok):
+    """The loss across tokenizers (teacher.cross_tokenizer_batch aligned the rows into spans).
+
+    sampled: the span-level sampled estimator on every completion token. fkl / rkl / jsd: on spans of one
+    token on each side, the divergence over the shared vocabulary + ULD on the rest (losses.hybrid_uld_loss);
+    on the other spans, which have no token-level distribution to compare, the span-level sampled estimator.
+    Returns (loss, student span logprobs, teacher span logprobs) [B, S]."""
+    s_lp = token_logprobs(s_logits, tgt)
+    t_lp = token_logprobs(t_logits, cb.teacher.tokens[:, 1:])
+    s_span_lp, t_span_lp = span_logprobs(s_lp, t_lp, cb)
+    if args.loss == "sampled":  # one optimizer step per rollout, so p_old is the current student
+        loss = span_sampled_token_loss(s_lp, s_lp.detach(), t_span_lp, cb.s_span, n_tok)
+    else:
+        rows, s_cols, t_cols = cb.pairs
+        loss = span_sampled_token_loss(s_lp, s_lp.detach(), t_span_lp, cb.s_span, n_tok, mask=~cb.one_to_one)
+        if rows.numel():
+            loss = loss + hybrid_uld_loss(s_logits[rows, s_cols], t_logits[rows, t_cols], *shared, n_tok, args.loss,
+                                          args.beta, args.loss_temperature, args.uld_weight, args.chunk_size)
+    return loss, s_span_lp.detach(), t_span_lp
+
+
 def evaluate(model, tok, problems, rank, world, device):
     """Greedy accuracy on `problems`, each rank decoding its share."""
     mine = problems[rank::world]
@@ -258,6 +311,7 @@ def main(argv=None):
     # -- validate everything before touching the run directory or starting a process group
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and os.path.isfile(os.path.join(args.out, "latest")):
         args.resume = True  # torchrun --max-restarts restarted this job: continue from the latest checkpoint
+    cross, t_tok = False, None
     try:
         if args.resume:
             latest = os.path.join(args.out, "latest")
@@ -279,7 +333,15 @@ def main(argv=None):
                             d_model=args.d_model, d_mlp=args.d_mlp)
         if distill:
             teacher_path = resolve_checkpoint(args.teacher)
-            check_same_tokenizer(tok, load_tokenizer_for(teacher_path, args.tokenizer))
+            t_tok = load_tokenizer_for(teacher_path, args.tokenizer)
+            same = tok.get_vocab() == t_tok.get_vocab()
+            if args.cross_tokenizer == "off" or (same and args.cross_tokenizer == "auto"):
+                check_same_tokenizer(tok, t_tok)
+            cross = args.cross_tokenizer == "on" or not same
+            if cross and args.seq_kd:
+                raise ValueError("--seq-kd with a cross-tokenizer teacher is not supported (its samples are in "
+                                 "the teacher's tokens)")
+            check_context(tok, t_tok if cross else tok, cfg, load_config(teacher_path), args.max_new_tokens)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     try:
@@ -304,6 +366,7 @@ def main(argv=None):
         model.load_state_dict(load_pretrained(init_path).state_dict())
     model = shard(model.to(device), device)
     teacher = shard(load_teacher(teacher_path)[0].to(device), device) if distill else None
+    shared = shared_vocab(tok, t_tok, device) if distill and cross else None
     if rank == 0:
         print(f"student: {num_params(model) / 1e6:.3f}M params {cfg}" +
               (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if distill else ""))
@@ -325,7 +388,7 @@ def main(argv=None):
     pad, eos, autocast = tok.token_to_id(PAD), tok.token_to_id(EOS), device.type == "cuda"
     summary = {}
     if distill and start == 0:  # where the student starts, and where the teacher is
-        summary["teacher_test_accuracy"] = evaluate(teacher, tok, test, rank, world, device)["accuracy"]
+        summary["teacher_test_accuracy"] = evaluate(teacher, t_tok, test, rank, world, device)["accuracy"]
         summary["student_test_accuracy_before"] = evaluate(model, tok, test, rank, world, device)["accuracy"]
         log(dict(step=0, **summary))
         if rank == 0:
@@ -356,8 +419,13 @@ def main(argv=None):
         batch = pack(prompts, completions, pad, device)
         tgt, m = batch.tokens[:, 1:], batch.mask[:, 1:]
         n_tok = all_sum(m.sum().item(), device)  # completion tokens of the whole step, all ranks
-        # 3. the frozen teacher scores every token in one forward pass
-        t_logits = score(teacher, batch, autocast) if distill else None
+        # 3. the frozen teacher scores every token in one forward pass (across tokenizers: the same text in
+        #    its own tokens, aligned with the student's into spans)
+        if distill and cross:
+            cb = cross_tokenizer_batch(batch, on_mine + off_mine, tok, t_tok, teacher.cfg.max_seq_len)
+            t_logits = score(teacher, cb.teacher, autocast)
+        else:
+            t_logits = score(teacher, batch, autocast) if distill else None
         # 4. the student forward with grad
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
             s_logits = model(batch.tokens, batch.pos, batch.valid)[:, :-1].float()
@@ -365,6 +433,8 @@ def main(argv=None):
         if not distill:
             ce = F.cross_entropy(s_logits.flatten(0, 1), tgt.flatten(), reduction="none")
             loss = (ce * m.flatten()).sum() / n_tok
+        elif cross:
+            loss, s_span_lp, t_span_lp = cross_tokenizer_loss(s_logits, t_logits, tgt, cb, shared, args, n_tok)
         elif args.loss == "sampled":  # one optimizer step per rollout, so p_old is the current student
             s_lp = token_logprobs(s_logits, tgt)
             loss = sampled_token_loss(s_lp, s_lp.detach(), token_logprobs(t_logits, tgt), m, n_tok)
@@ -386,14 +456,19 @@ def main(argv=None):
         last = dict(step=step + 1, loss=round(loss_val, 5), lr=lr_at(step, args), grad_norm=round(float(gnorm), 4),
                     tokens_per_s=round(all_sum(batch.valid.sum().item(), device) / dt), minutes=round(t_train / 60, 3))
         if distill:  # what the student does on its own samples
-            on_m = m[:len(on_prompts)]
+            k, on_m = len(on_prompts), m[:len(on_prompts)]
             with torch.no_grad():
-                rkl = per_token_divergence(s_logits[:len(on_prompts)][on_m], t_logits[:len(on_prompts)][on_m], "rkl")
+                if cross:  # sequence-level: sum over the rows' spans of log p_S - log p_T (a sample estimate)
+                    rkl = (s_span_lp[:k] - t_span_lp[:k]).sum()
+                else:  # exact per-token KL(p_S || p_T) over the full vocabulary
+                    rkl = per_token_divergence(s_logits[:k][on_m], t_logits[:k][on_m], "rkl").sum()
             n_on_tok = all_sum(on_m.sum().item(), device)
-            last |= dict(on_policy_frac=all_sum(len(on_prompts), device) / args.batch_size,
-                         student_rkl=round(all_sum(rkl.sum().item(), device) / n_on_tok, 5) if n_on_tok else None,
+            last |= dict(on_policy_frac=all_sum(k, device) / args.batch_size,
+                         student_rkl=round(all_sum(rkl.item(), device) / n_on_tok, 5) if n_on_tok else None,
                          completion_len=round(all_sum(m.sum().item(), device) / args.batch_size, 3),
                          rollout_s=round(t_roll, 3))
+            if cross:  # share of completion tokens in spans of one token on each side
+                last["one_to_one_frac"] = round(all_sum(cb.one_to_one.sum().item(), device) / n_tok, 4)
         log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4f}")

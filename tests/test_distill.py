@@ -134,7 +134,9 @@ def test_bad_input_fails_before_training(ckpts, tmp_path):
                                unk_token="x")).save(str(other / "tokenizer.json"))
     for args, want in ((["--lmbda", "1.5"], "--lmbda"), (["--loss", "jsd", "--beta", "0"], "--beta"),
                        (["--loss", "kl"], "invalid choice"), (["--teacher", str(tmp_path / "nope")], "does not exist"),
-                       (["--teacher", str(other)], "tokenizers differ")):
+                       (["--teacher", str(other), "--cross-tokenizer", "off"], "tokenizers differ"),
+                       (["--teacher", str(other), "--seq-kd"], "--seq-kd with a cross-tokenizer teacher"),
+                       (["--max-new-tokens", "60"], "over the student's context")):
         r = cli(*base, *args)
         assert r.returncode != 0 and want in r.stderr.strip().splitlines()[-1], (args, r.stderr[-500:])
         assert not os.path.exists(os.path.join(tmp_path, "run", "latest"))
@@ -187,3 +189,58 @@ def test_show_prints_rollouts_and_html(ckpts, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert sum(l.startswith(("ok ", "BAD")) for l in out) == 3
     assert html.read_text().count("<div>") == 3 and "rkl" in html.read_text()
+
+
+def test_cross_tokenizer_path_with_identical_tokenizers_equals_the_plain_path(ckpts, tmp_path):
+    """--cross-tokenizer on with one tokenizer: every span is one token on each side, so the span losses
+    and the hybrid (nothing outside the shared vocabulary) must give the plain path's losses and weights."""
+    teacher, student = ckpts
+    for loss in ("rkl", "sampled"):
+        outs = []
+        for mode in ("off", "on"):
+            out = str(tmp_path / f"{loss}-{mode}")
+            run_main(["--teacher", teacher, "--student", student, "--out", out, "--loss", loss, "--steps", "2",
+                      "--lmbda", "0.5", "--cross-tokenizer", mode, *FAST])
+            outs.append(out)
+        a, b = [[r for r in rows(o) if "loss" in r] for o in outs]
+        assert all(r["one_to_one_frac"] == 1.0 for r in b)
+        for x, y in zip(a, b):
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7)
+        wa, wb = weights(os.path.join(outs[0], "ckpt", "step_000002")), weights(os.path.join(outs[1], "ckpt", "step_000002"))
+        assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+
+
+@pytest.mark.parametrize("loss", ["rkl", "sampled"])
+def test_cross_tokenizer_distill_lowers_sequence_reverse_kl(ckpts, tmp_path, loss):
+    """A number-level student, the char-level teacher: a few steps lower the sequence-level reverse KL,
+    sum over the completion of log p_S(x) - log p_T(x), on fresh student samples."""
+    from data.countdown import NUM_TOKENIZER_PATH
+    from teacher import cross_tokenizer_batch, span_logprobs, token_logprobs
+    teacher, _ = ckpts
+    n_tok = load_tokenizer(NUM_TOKENIZER_PATH)
+    torch.manual_seed(5)
+    cfg = GPTConfig(vocab_size=n_tok.get_vocab_size(), n_layer=1, n_head=2, d_model=32, d_mlp=64)
+    student = str(tmp_path / "numstudent")
+    save_pretrained(GPT(cfg).state_dict(), cfg, student, NUM_TOKENIZER_PATH)
+    out = str(tmp_path / "run")
+    run_main(["--teacher", teacher, "--student", student, "--out", out, "--loss", loss, "--steps", "8", "--lr", "3e-2",
+              "--weight-decay", "0", "--batch-size", "32", "--max-new-tokens", "6", "--eval-n", "8",
+              "--eval-every", "0", "--warmup", "0"])
+    assert all(0 < r["one_to_one_frac"] <= 1 for r in rows(out) if "loss" in r)
+    t_model, c_tok = load_pretrained(teacher), load_tokenizer()
+
+    def seq_rkl(path):
+        model = load_pretrained(path)
+        probs = load_split("val")[:128]
+        ids, valid = left_pad([prompt_ids(n_tok, a, b) for a, b, _ in probs], 0)
+        b = generate(model, ids, valid, 6, 2, 0, temperature=1.0, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            cb = cross_tokenizer_batch(b, probs, n_tok, c_tok)
+            s_lp = token_logprobs(model(b.tokens, b.pos, b.valid)[:, :-1], b.tokens[:, 1:])
+            t_lp = token_logprobs(t_model(cb.teacher.tokens, cb.teacher.pos, cb.teacher.valid)[:, :-1],
+                                  cb.teacher.tokens[:, 1:])
+            s, t = span_logprobs(s_lp, t_lp, cb)
+        return (s - t).sum().item() / len(probs)
+
+    before, after = seq_rkl(student), seq_rkl(os.path.join(out, "ckpt", "step_000008"))
+    assert after < 0.97 * before, (before, after)
