@@ -472,7 +472,9 @@ def main(argv=None):
         log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4f}")
-        done = step + 1 == args.steps or (args.max_minutes and t_train / 60 >= args.max_minutes)
+        # --max-minutes on the ranks' mean training time, so every rank stops at the same step
+        out_of_time = args.max_minutes and all_sum(t_train, device) / world / 60 >= args.max_minutes
+        done = step + 1 == args.steps or bool(out_of_time)
         if (args.eval_every and (step + 1) % args.eval_every == 0) or done:
             ev = evaluate(model, tok, val, rank, world, device)
             last |= {f"val_{k}": round(v, 4) for k, v in ev.items()}
@@ -492,6 +494,7 @@ def main(argv=None):
             print(f"test accuracy: student after {summary['student_test_accuracy_after']:.3f}")
     if rank == 0:
         print(json.dumps(dict(out=args.out, **last, **summary)))
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
