@@ -1,27 +1,95 @@
-"""Benchmarks, measured side by side in one run (ratios mean something on a noisy machine; absolute
-times only on a quiet one or a GPU).
+"""Benchmark of one on-policy distillation step on a fixed reference workload, measured side by side in one
+run (ratios mean something on a noisy machine; absolute times only on a quiet one or a GPU).
 
-    python bench.py                                   # rollout: KV cache vs full recompute, teacher-sized model
-    python bench.py --n-layer 2 --d-model 64 --batch-size 64
+    python bench.py                                   # the reference workload, fp32 on CPU
+    OMP_WAIT_POLICY=PASSIVE python bench.py           # beside another job: OpenMP threads sleep, not spin
+    python bench.py --threads 1                       # the same, one thread
+    python bench.py --device cuda --dtype bf16        # the same workload on a GPU, bf16 autocast
+    python bench.py --device cuda --batch-size 256 --student-width 512 --teacher-layers 16   # bigger
+    python bench.py --repeats 1 --new-tokens 8        # a quick smoke run
 
-Rollout throughput counts generated tokens (rows x new tokens, no early stop) per second, as the median
-of --repeats runs after one warm-up. The last stdout line is one JSON object.
+On the 2-core CPU beside a 2-thread training job, the default run took 2.3 min (spinning OpenMP threads
+fighting the other job), the --threads 1 and OMP_WAIT_POLICY=PASSIVE runs about 20 s each; the header
+says "the CPU is busy" when the load average at start suggests this.
+
+Reference workload (the defaults): student 4 layers, width 256, 4 heads, MLP 1024; teacher 8 layers, width
+512, 8 heads, MLP 2048; random weights; the Countdown tokenizer's vocabulary (data/tokenizer.json, 23 ids);
+32 prompts of 33 tokens (BOS + 32 random characters, no padding); 32 new tokens per row with no early stop
+(eos id -1 never occurs); loss jsd (beta 0.5) through losses.divergence_loss; AdamW; fp32 on CPU.
+
+What is measured, each the median of --repeats runs after one warm-up:
+  rollout      tokens/s of the student's greedy decode with the KV cache (rollout.generate) and with full
+               recompute (generate_no_cache below), whether both give the same tokens, the prefill time and
+               the time per one-token decode step next to its FLOP floor;
+  distill step seconds per step at lambda = 1 (the student samples at temperature 1 with a seeded
+               torch.Generator, as train.py does) and at lambda = 0 (given completions: random ids, packed
+               with rollout.pack), split into rollout (generate + rollout.pack), teacher scoring
+               (teacher.score), student forward+backward (forward + divergence_loss + backward) and
+               optimizer (clip_grad_norm_ + AdamW step + zero_grad), as in train.py's distill loop but
+               without FSDP and without the logging extras.
+FLOPs are counted from the shapes (flops_forward); MFU = (FLOPs / time) / the fp32 (or bf16) matmul peak
+measured in the same run on a big square matmul. Peak memory: CUDA max_memory_allocated per section; CPU
+the process's max RSS (getrusage), which only grows, read at the end of each section.
+The last stdout line is one JSON object.
 """
 import argparse
 import json
+import os
+import resource
 import statistics
+import sys
 import time
+from dataclasses import asdict
 
 import torch
 
-from model import GPT, GPTConfig
-from rollout import generate, left_pad, sample_token
+from data.countdown import TOKENIZER_PATH, load_tokenizer
+from losses import divergence_loss
+from model import GPT, GPTConfig, KVCache, positions_from_valid
+from rollout import generate, left_pad, pack, sample_token
+from teacher import score
 
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+def matmul_params(cfg):
+    """Weights that multiply activations: per block qkv (3 d^2), proj (d^2), fc and fc_out (2 d d_mlp), plus
+    the output head (d V). Not counted: the embedding (a lookup) and the RMSNorm gains (no matmul); the
+    non-embedding parameter count is this + (2 n_layer + 1) d."""
+    d = cfg.d_model
+    return cfg.n_layer * (4 * d * d + 2 * d * cfg.d_mlp) + d * cfg.vocab_size
+
+
+def flops_forward(cfg, batch, q_len, k_start=0):
+    """Matmul FLOPs of one forward of `batch` rows of `q_len` tokens each, appended after `k_start` tokens
+    already in a KV cache (k_start = 0: a plain causal forward of q_len tokens).
+
+        linear:    2 * matmul_params * tokens                  (the head runs on every position)
+        attention: 2 * 2 * n_layer * d_model * pairs           (q.k^T and att.v, all heads together)
+
+    pairs counts the (query, key) pairs a causal model needs: query i (0-based) sees k_start + i + 1 keys
+    (the cache and itself), so pairs = batch * (q_len * k_start + q_len (q_len + 1) / 2). Masked pairs that
+    a kernel may compute anyway are not counted. Softmax, norms, GELU, rotary and the loss are left out (a
+    few percent at these shapes); a backward pass is 2x its forward."""
+    pairs = batch * (q_len * k_start + q_len * (q_len + 1) // 2)
+    return 2 * matmul_params(cfg) * batch * q_len + 4 * cfg.n_layer * cfg.d_model * pairs
+
+
+def flops_generate(cfg, batch, prompt_len, new_tokens):
+    """rollout.generate: one prefill of the prompts, then new_tokens - 1 one-token steps (the last sampled
+    token is not fed back); step t attends over the prompt_len + t filled slots and itself."""
+    return flops_forward(cfg, batch, prompt_len) + sum(flops_forward(cfg, batch, 1, prompt_len + t)
+                                                       for t in range(new_tokens - 1))
+
+
+def flops_no_cache(cfg, batch, prompt_len, new_tokens):
+    """generate_no_cache: new_tokens full causal forwards of length prompt_len, prompt_len + 1, ..."""
+    return sum(flops_forward(cfg, batch, prompt_len + i) for i in range(new_tokens))
+
+# -------------------------------------------------------------------------------------------- helpers
 
 @torch.no_grad()
 def generate_no_cache(model, ids, valid, max_new_tokens, temperature=0.0):
     """The reference: recompute the whole (left-padded) sequence for every new token."""
-    from model import positions_from_valid
     for _ in range(max_new_tokens):
         logits = model(ids, positions_from_valid(valid), valid)[:, -1]
         tok = sample_token(logits, temperature)
@@ -30,56 +98,230 @@ def generate_no_cache(model, ids, valid, max_new_tokens, temperature=0.0):
     return ids
 
 
-def timed(fn, repeats, sync):
-    fn()  # warm-up
-    times = []
+def median_times(fns, repeats, warmups=None):
+    """fns: name -> fn() returning (dict of part -> seconds, output). Every fn runs once to warm up (or its
+    cheaper stand-in from `warmups`), then `repeats` rounds run them in turn (side by side, so load on a
+    shared machine hits all alike). Returns name -> {part: median seconds} and name -> the last output."""
+    for name, fn in fns.items():
+        (warmups or {}).get(name, fn)()
+    runs, last = {name: [] for name in fns}, {}
     for _ in range(repeats):
+        for name, fn in fns.items():
+            t, last[name] = fn()
+            runs[name].append(t)
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}, last
+
+
+def matmul_peak(n, device, dtype, repeats, sync):
+    """GFLOP/s of an n x n x n matmul (median of repeats) in the dtype the workload computes in."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    def run():
         sync()
         t0 = time.perf_counter()
-        fn()
+        a @ b
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return {"s": time.perf_counter() - t0}, None
+    return 2 * n ** 3 / median_times({"mm": run}, max(3, repeats))[0]["mm"]["s"] / 1e9
 
 
-def main():
+def rounded(x, digits=4):
+    """Floats to `digits` significant digits, through dicts, for a readable JSON line."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return float(f"{x:.{digits}g}") if isinstance(x, float) else x
+
+
+def peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def model_cfg(args, who, vocab, max_len):
+    layers, width, heads, mlp = (getattr(args, f"{who}_{k}") for k in ("layers", "width", "heads", "mlp"))
+    if width % heads or (width // heads) % 2:
+        sys.exit(f"bench.py: error: --{who}-width must be a multiple of --{who}-heads with an even head size")
+    return GPTConfig(vocab_size=vocab, n_layer=layers, n_head=heads, d_model=width, d_mlp=mlp or 4 * width,
+                     max_seq_len=max_len)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=23)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=14)
-    p.add_argument("--new-tokens", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    for who, (layers, width, heads) in (("student", (4, 256, 4)), ("teacher", (8, 512, 8))):
+        p.add_argument(f"--{who}-layers", type=int, default=layers)
+        p.add_argument(f"--{who}-width", type=int, default=width)
+        p.add_argument(f"--{who}-heads", type=int, default=heads)
+        p.add_argument(f"--{who}-mlp", type=int, default=0, help="MLP width (0 = 4 * width)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per step")
+    p.add_argument("--prompt-len", type=int, default=33, help="tokens per prompt, BOS included")
+    p.add_argument("--new-tokens", type=int, default=32, help="completion tokens per row (no early stop)")
+    p.add_argument("--loss", default="jsd", choices=["fkl", "rkl", "jsd"])
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement, after one warm-up "
+                   "(2 keeps the default run under 3 minutes on a busy 2-core CPU; 5 for steadier numbers)")
+    p.add_argument("--matmul-size", type=int, default=0, help="n of the peak matmul (0 = 2048 CPU, 8192 CUDA)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (meant for CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if min(args.batch_size, args.prompt_len, args.repeats) < 1 or args.new_tokens < 2:
+        p.error("--batch-size, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    return args
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before we add to it
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    bf16 = args.dtype == "bf16"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                    d_mlp=4 * args.d_model, max_seq_len=args.prompt_len + args.new_tokens + 1)
-    model = GPT(cfg).to(device).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = [[1] + torch.randint(4, cfg.vocab_size, (int(n),), generator=g).tolist()
-               for n in torch.randint(args.prompt_len // 2, args.prompt_len, (args.batch_size,), generator=g)]
-    ids, valid = left_pad(prompts, 0, device)
-    no_eos = -1  # never stop early: every row generates exactly new_tokens
-    cached = timed(lambda: generate(model, ids, valid, args.new_tokens, no_eos, 0, temperature=0.0), args.repeats, sync)
-    full = timed(lambda: generate_no_cache(model, ids, valid, args.new_tokens), args.repeats, sync)
-    # same tokens from both (greedy): the speed-up is not bought with a different result
-    same = torch.equal(generate(model, ids, valid, args.new_tokens, no_eos, 0, temperature=0.0).tokens,
-                       generate_no_cache(model, ids, valid, args.new_tokens))
-    n_tok = args.batch_size * args.new_tokens
-    res = dict(device=str(device), params=sum(p.numel() for p in model.parameters()), batch=args.batch_size,
-               prompt_len=ids.size(1), new_tokens=args.new_tokens, kv_cache_tok_s=round(n_tok / cached),
-               no_cache_tok_s=round(n_tok / full), speedup=round(full / cached, 2), same_tokens=same,
-               threads=torch.get_num_threads())
-    print(f"{'rollout':<22}{'tok/s':>10}")
-    print(f"{'KV cache':<22}{res['kv_cache_tok_s']:>10}")
-    print(f"{'full recompute':<22}{res['no_cache_tok_s']:>10}")
-    print(f"speed-up x{res['speedup']}, same tokens: {same}")
-    print(json.dumps(res))
+    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
+    tok = load_tokenizer(TOKENIZER_PATH)
+    V, B, P, N = tok.get_vocab_size(), args.batch_size, args.prompt_len, args.new_tokens
+    pad, no_eos = 0, -1  # eos -1 never occurs: every row generates exactly N tokens
+    scfg, tcfg = (model_cfg(args, who, V, P + N + 1) for who in ("student", "teacher"))
+    torch.manual_seed(args.seed)
+    student, teacher = GPT(scfg).to(device), GPT(tcfg).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = [[1] + torch.randint(4, V, (P - 1,), generator=g).tolist() for _ in range(B)]
+    given = [torch.randint(4, V, (N,), generator=g).tolist() for _ in range(B)]  # lambda = 0 completions
+    ids, valid = left_pad(prompts, pad, device)
+    peak = matmul_peak(args.matmul_size or (8192 if device.type == "cuda" else 2048), device,
+                       torch.bfloat16 if bf16 else torch.float32, args.repeats, sync)
+    mem = {}
+
+    def reset_mem():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def timed(fn):  # -> a function returning ({"s": seconds}, fn's output), for median_times
+        def run():
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad(), amp():
+                out = fn()
+            sync()
+            return {"s": time.perf_counter() - t0}, out
+        return run
+
+    # -- 1. rollout: KV cache vs full recompute, the student, greedy; the last outputs are compared
+    reset_mem()
+    times, out = median_times(dict(
+        cache=timed(lambda: generate(student, ids, valid, N, no_eos, pad, temperature=0.0).tokens),
+        prefill=timed(lambda: student(ids, positions_from_valid(valid), valid, KVCache(scfg, B, P + N, device))),
+        full=timed(lambda: generate_no_cache(student, ids, valid, N))), args.repeats,
+        warmups=dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2))))  # the costliest: warm briefly
+    mem["rollout"] = peak_mem_mb(device)
+    t_cache, t_prefill, t_full = (times[k]["s"] for k in ("cache", "prefill", "full"))
+    same = torch.equal(out["cache"], out["full"])  # the speed-up is not bought with a different result
+    agree = (out["cache"][:, P:] == out["full"][:, P:]).float().mean().item()
+    t_step = (t_cache - t_prefill) / (N - 1)
+    f_cache, f_full = flops_generate(scfg, B, P, N), flops_no_cache(scfg, B, P, N)
+    f_prefill = flops_forward(scfg, B, P)
+    f_step = (f_cache - f_prefill) / (N - 1)  # the mean one-token step
+    rollout = dict(kv_cache_tok_s=B * N / t_cache, no_cache_tok_s=B * N / t_full, speedup=t_full / t_cache,
+                   same_tokens=same, token_agreement=agree, kv_cache_s=t_cache, no_cache_s=t_full,
+                   prefill_s=t_prefill, decode_step_s=t_step, decode_step_floor_s=f_step / (peak * 1e9),
+                   kv_cache_gflop=f_cache / 1e9, no_cache_gflop=f_full / 1e9,
+                   kv_cache_mfu=f_cache / t_cache / (peak * 1e9), no_cache_mfu=f_full / t_full / (peak * 1e9))
+
+    # -- 2. distill steps, lambda = 1 (the student samples) and lambda = 0 (given completions), in turn
+    def distill_step(lmbda):
+        sync()
+        t0 = time.perf_counter()
+        if lmbda == 1:
+            gen = torch.Generator(device).manual_seed(args.seed)
+            with torch.no_grad(), amp():
+                completions = generate(student, ids, valid, N, no_eos, pad, temperature=1.0,
+                                       generator=gen).completions()
+        else:
+            completions = given
+        batch = pack(prompts, completions, pad, device)
+        m = batch.mask[:, 1:]
+        n_tok = m.sum().item()
+        sync()
+        t1 = time.perf_counter()
+        t_logits = score(teacher, batch, autocast=bf16)
+        sync()
+        t2 = time.perf_counter()
+        with amp():
+            s_logits = student(batch.tokens, batch.pos, batch.valid)[:, :-1].float()
+        loss = divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta)
+        loss.backward()
+        sync()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t4 = time.perf_counter()
+        return dict(rollout=t1 - t0, teacher=t2 - t1, student=t3 - t2, optimizer=t4 - t3, step=t4 - t0), None
+
+    reset_mem()
+    times, _ = median_times({1: lambda: distill_step(1), 0: lambda: distill_step(0)}, args.repeats)
+    mem["distill"] = peak_mem_mb(device)
+    steps = {}
+    for lmbda in (1, 0):
+        fl = dict(rollout=f_cache if lmbda else 0, teacher=flops_forward(tcfg, B, P + N),
+                  student=3 * flops_forward(scfg, B, P + N), optimizer=0)
+        fl["step"] = sum(fl.values())
+        steps[f"step_l{lmbda}"] = {k: dict(s=s, gflop=fl[k] / 1e9, mfu=fl[k] / s / (peak * 1e9))
+                                   for k, s in times[lmbda].items()}
+
+    # -- report
+    print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {args.dtype}; vocab {V}; batch {B} x "
+          f"({P} prompt + {N} new) tokens; loss {args.loss}; load average at start {load:.1f}")
+    if device.type == "cpu" and load > 0.5 * (os.cpu_count() or 1):
+        print(f"  the CPU is busy ({os.cpu_count()} cores): OpenMP threads spinning against another process make small "
+              "ops (decode, AdamW) far slower;\n  compare with --threads 1 or OMP_WAIT_POLICY=PASSIVE python bench.py")
+    for name, c in (("student", scfg), ("teacher", tcfg)):
+        print(f"{name}: {c.n_layer} layers, width {c.d_model}, {c.n_head} heads, MLP {c.d_mlp}; "
+              f"{matmul_params(c) / 1e6:.2f}M matmul params")
+    print(f"matmul peak ({args.matmul_size or (8192 if device.type == 'cuda' else 2048)}^3 {args.dtype}): "
+          f"{peak:.1f} GFLOP/s\n")
+    print(f"{'rollout (student, greedy)':<30}{'ms':>9}{'tok/s':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU':>7}")
+    for name, s, f, n_tok in (("KV cache (rollout.generate)", t_cache, f_cache, B * N),
+                              ("full recompute", t_full, f_full, B * N),
+                              ("  prefill (1 forward)", t_prefill, f_prefill, 0),
+                              ("  per decode step (mean)", t_step, f_step, 0)):
+        tok_s = f"{n_tok / s:>9.0f}" if n_tok else f"{'-':>9}"
+        print(f"{name:<30}{s * 1e3:>9.2f}{tok_s}{f / 1e9:>8.3f}{f / s / 1e9:>9.1f}{f / s / (peak * 1e9):>7.1%}")
+    print(f"KV cache speed-up x{rollout['speedup']:.2f}; same greedy tokens: {same} ({agree:.1%} agree); "
+          f"decode step {t_step * 1e3:.2f} ms vs FLOP floor {rollout['decode_step_floor_s'] * 1e3:.3f} ms "
+          f"(x{t_step / rollout['decode_step_floor_s']:.0f})\n")
+    print(f"{'distill step':<20}" + "".join(f"{f'lambda={lmbda}: ms':>13}{'%':>6}{'GFLOP':>8}{'MFU':>7}"
+                                              for lmbda in (1, 0)))
+    labels = dict(rollout="rollout + pack", teacher="teacher score", student="student fwd+bwd",
+                  optimizer="clip + AdamW", step="step (total)")
+    for k, label in labels.items():
+        row = f"{label:<20}"
+        for lmbda in (1, 0):
+            r, tot = steps[f"step_l{lmbda}"][k], steps[f"step_l{lmbda}"]["step"]["s"]
+            row += f"{r['s'] * 1e3:>13.1f}{r['s'] / tot:>6.0%}{r['gflop']:>8.2f}"
+            row += f"{r['mfu']:>7.1%}" if r["gflop"] else f"{'-':>7}"
+        print(row)
+    print("(parts are medians of their own; their sum need not equal the median step)")
+    what = "max allocated" if device.type == "cuda" else "process max RSS (cumulative)"
+    print(f"peak memory, {what}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
+    print(json.dumps(rounded(dict(
+        device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), vocab=V, batch=B,
+        prompt_len=P, new_tokens=N, loss=args.loss, repeats=args.repeats, student=asdict(scfg), teacher=asdict(tcfg),
+        student_matmul_params=matmul_params(scfg), teacher_matmul_params=matmul_params(tcfg),
+        matmul_peak_gflops=peak, rollout=rollout, **steps, peak_mem_mb=mem))))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""bench.py: the FLOP counter against a count taken from the tensors a tiny GPT actually multiplies, and a
+tiny end-to-end run whose last stdout line is the JSON summary."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench import flops_forward, flops_generate, flops_no_cache, generate_no_cache, matmul_params
+from model import GPT, GPTConfig
+from rollout import generate, left_pad
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Counter:
+    """Counts FLOPs from shapes at run time: every nn.Linear (forward hook: 2 * rows * in * out) and every
+    attention call (2 * 2 * head_dim per (query, key) pair that the mask lets through, all heads)."""
+
+    def __init__(self, model, monkeypatch):
+        self.linear = self.attention = 0
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                mod.register_forward_hook(self._linear_hook)
+        sdpa = F.scaled_dot_product_attention
+
+        def counting_sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+            B, H, Tq, hd = q.shape
+            Tk = k.size(2)
+            if attn_mask is not None:
+                pairs = attn_mask.expand(B, H, Tq, Tk).sum().item()
+            else:
+                pairs = B * H * (torch.ones(Tq, Tk).tril().sum().item() if is_causal else Tq * Tk)
+            self.attention += 4 * hd * pairs
+            return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+
+    def _linear_hook(self, mod, inp, out):
+        self.linear += 2 * inp[0].numel() // mod.in_features * mod.in_features * mod.out_features
+
+    @property
+    def total(self):
+        return self.linear + self.attention
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**({"vocab_size": 23, "n_layer": 2, "n_head": 2, "d_model": 32, "d_mlp": 96,
+                        "max_seq_len": 32} | kw))
+    return GPT(cfg).eval()
+
+
+def test_matmul_params_are_the_linear_weights():
+    model = tiny()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert matmul_params(model.cfg) == linear
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed"))
+    assert non_embedding - linear == (2 * model.cfg.n_layer + 1) * model.cfg.d_model  # the RMSNorm gains
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (2, 16)])
+@torch.no_grad()
+def test_forward_flops_match_counted(monkeypatch, B, T):
+    model = tiny()
+    c = Counter(model, monkeypatch)
+    model(torch.randint(4, 23, (B, T)))
+    assert c.linear == 2 * matmul_params(model.cfg) * B * T  # the formula's matmul part
+    assert c.total == flops_forward(model.cfg, B, T)
+
+
+@torch.no_grad()
+def test_rollout_flops_match_counted(monkeypatch):
+    """The cached decode (prefill + one-token steps over the filled cache) and the full-recompute decode."""
+    model = tiny(d_model=64, n_head=4, d_mlp=128)
+    B, P, N = 3, 6, 5
+    ids, valid = left_pad([[1] + torch.randint(4, 23, (P - 1,)).tolist() for _ in range(B)], 0)
+    c = Counter(model, monkeypatch)
+    generate(model, ids, valid, N, eos_id=-1, pad_id=0, temperature=0.0)
+    assert (c.linear, c.total) == (2 * matmul_params(model.cfg) * B * (P + N - 1), flops_generate(model.cfg, B, P, N))
+    c.linear = c.attention = 0
+    generate_no_cache(model, ids, valid, N)
+    assert c.total == flops_no_cache(model.cfg, B, P, N)
+
+
+def test_bench_runs_and_prints_json():
+    cmd = [sys.executable, "bench.py", "--student-layers", "1", "--student-width", "16", "--student-heads", "2",
+           "--teacher-layers", "1", "--teacher-width", "32", "--teacher-heads", "2", "--batch-size", "2",
+           "--prompt-len", "5", "--new-tokens", "3", "--repeats", "1", "--matmul-size", "64"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"device", "dtype", "matmul_peak_gflops", "rollout", "step_l1", "step_l0", "peak_mem_mb"} <= set(res)
+    assert {"kv_cache_tok_s", "no_cache_tok_s", "speedup", "same_tokens", "decode_step_s"} <= set(res["rollout"])
+    assert res["rollout"]["same_tokens"] is True
+    for lmbda in ("step_l1", "step_l0"):
+        assert set(res[lmbda]) == {"rollout", "teacher", "student", "optimizer", "step"}
+        assert all(set(part) == {"s", "gflop", "mfu"} and part["s"] > 0 for part in res[lmbda].values())
+    assert res["step_l0"]["rollout"]["gflop"] == 0 < res["step_l1"]["rollout"]["gflop"]
+    assert res["matmul_peak_gflops"] > 0 and res["batch"] == 2 and res["new_tokens"] == 3
