@@ -61,27 +61,31 @@ def run_table(run_dirs):
         start = [r for r in recs if "student_test_accuracy_before" in r]
         if not final or not start:
             raise ValueError(f"{d}: no final test accuracy in metrics.jsonl (is it a finished distill run?)")
-        key = (a["loss"], a["lmbda"], a["beta"] if a["loss"] == "jsd" else None, a["steps"], a.get("seq_kd", False))
+        student = os.path.basename(os.path.normpath(a["student"])) if a.get("student") else "-"
+        key = (a["loss"], a["lmbda"], a["beta"] if a["loss"] == "jsd" else None, a["steps"], a.get("seq_kd", False),
+               student)
         groups.setdefault(key, []).append(dict(run=os.path.basename(os.path.normpath(d)), seed=a["seed"],
                                                acc=final[-1]["student_test_accuracy_after"],
                                                start=start[0]["student_test_accuracy_before"],
                                                teacher=start[0]["teacher_test_accuracy"],
                                                minutes=max((r.get("minutes", 0) for r in recs), default=0)))
-    lines = ["| run | lambda | loss | beta | seeds | steps | student acc | % of teacher | gap recovered | min/run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (loss, lmbda, beta, steps, seq_kd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    lines = ["| run | student | lambda | loss | beta | seeds | steps | start acc | student acc | % of teacher "
+             "| gap recovered | min/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (loss, lmbda, beta, steps, seq_kd, student), rs in sorted(groups.items(), key=lambda kv: (kv[0][5], kv[0][0],
+                                                                                                   kv[0][1])):
         accs = [r["acc"] for r in rs]
         mean = sum(accs) / len(accs)
         std = (sum((x - mean) ** 2 for x in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
         teacher, start = sum(r["teacher"] for r in rs) / len(rs), sum(r["start"] for r in rs) / len(rs)
         gap = f"{(mean - start) / (teacher - start):+.2f}" if teacher != start else "n/a"
         name = rs[0]["run"].rsplit("-s", 1)[0] + (" (seq-KD)" if seq_kd else "")
-        lines.append(f"| {name} | {lmbda:g} | {loss} | {beta if beta is not None else '-'} | "
+        lines.append(f"| {name} | {student} | {lmbda:g} | {loss} | {beta if beta is not None else '-'} | "
                      f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | {steps} | "
-                     f"{100 * mean:.1f} +- {100 * std:.1f} | {100 * mean / teacher:.0f}% | {gap} | "
+                     f"{100 * start:.1f} | {100 * mean:.1f} +- {100 * std:.1f} | {100 * mean / teacher:.0f}% | {gap} | "
                      f"{sum(r['minutes'] for r in rs) / len(rs):.1f} |")
-    lines.append(f"\nteacher test accuracy {100 * teacher:.1f}%, student start {100 * start:.1f}% "
-                 "(greedy, test split; gap recovered = (student - start) / (teacher - start))")
+    teachers = sorted({round(100 * r["teacher"], 1) for rs in groups.values() for r in rs})
+    lines.append(f"\nteacher test accuracy {', '.join(f'{t}%' for t in teachers)} (greedy, test split; "
+                 "gap recovered = (student - start) / (teacher - start))")
     return "\n".join(lines)
 
 

@@ -176,7 +176,7 @@ def test_table_pools_seeds(tmp_path):
     assert len(row) == 1
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     # mean 40.0, sample std 10.0, 50% of the teacher, (0.4 - 0.2) / (0.8 - 0.2) = 0.33 of the gap
-    assert cells[1:] == ["0.5", "rkl", "-", "0,1,2", "100", "40.0 +- 10.0", "50%", "+0.33", "2.0"]
+    assert cells[1:] == ["-", "0.5", "rkl", "-", "0,1,2", "100", "20.0", "40.0 +- 10.0", "50%", "+0.33", "2.0"]
     with pytest.raises(ValueError, match="not a finished run"):
         eval_countdown.run_table([str(tmp_path / "missing")])
 
