@@ -1,14 +1,29 @@
-"""Training: supervised fine-tuning on Countdown (the teacher and the student warm start).
+"""Training: on-policy distillation (the main job) and supervised fine-tuning on Countdown.
 
+    python train.py --stage distill                                 # shipped teacher -> shipped student
+    python train.py --stage distill --lmbda 0.5 --loss jsd --beta 0.5 --seed 1 --out runs/jsd-l0.5-s1
+    torchrun --standalone --nproc_per_node=2 train.py --stage distill --out runs/d2
     python train.py --stage sft --out runs/sft                      # a small model in minutes on CPU
-    torchrun --standalone --nproc_per_node=2 train.py --stage sft --out runs/sft2
     python train.py --stage sft --out runs/sft --resume             # continue from runs/sft/latest
 
-One code path for 1 and N processes: the model is sharded with FSDP2 (fully_shard per block, then the
+One distill step, as the loop below reads:
+  1. the step's problems; the first round(lambda * batch) rows are on-policy, the rest off-policy
+  2. completions: the student samples the on-policy rows (rollout.py, KV cache, no grad); the off-policy
+     rows are ground truth, or teacher samples with --seq-kd
+  3. the frozen teacher scores every token in one forward (teacher.py); with another tokenizer it scores
+     the same text in its own tokens, aligned into spans
+  4. the student forward with grad
+  5. the divergence (losses.py) summed over the step's completion tokens / their count; backward, clip,
+     AdamW, log, eval, checkpoint
+SFT is the same loop with cross-entropy on ground-truth answers (it trains the teacher and the student
+warm start).
+
+One code path for 1 and N processes: the models are sharded with FSDP2 (fully_shard per block, then the
 root) over gloo on CPU or nccl on CUDA, also when there is a single process. The global batch does not
 depend on the number of processes: each step's problems are drawn by a generator seeded with (seed,
-step), and rank r takes rows r::world. The loss is summed over the answer tokens of the whole step (all
-ranks) and divided by their count.
+step), rank r takes rows r::world, and sampling noise is drawn per global row (rollout.generate), so N
+processes sample and compute what one does. The loss is normalised by the completion tokens of the whole
+step (all ranks).
 
 Run directory: args.json, metrics.jsonl (one JSON object per logged step / eval), ckpt/step_XXXXXX/
 (model.safetensors, config.json, tokenizer.json, train_state.pt) and `latest`, the name of the newest
