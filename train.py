@@ -89,11 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
     p.add_argument("--chunk-size", type=int, default=0, help="divergence over positions in chunks (0 = all at once)")
     # optimisation
-    p.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 200")
+    p.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
     p.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
-    p.add_argument("--lr", type=float, default=None, help="default: sft 2e-3, distill 5e-4")
+    p.add_argument("--lr", type=float, default=None, help="default: sft 2e-3, distill 2e-4")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
-    p.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 10")
+    p.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 20")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     # eval, logging, checkpoints
@@ -107,8 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=TOKENIZER_PATH)
     args = p.parse_args(argv)
     sft = args.stage == "sft"
-    for name, dflt in (("steps", (1000, 200)), ("batch_size", (256, 64)), ("lr", (2e-3, 5e-4)),
-                       ("warmup", (100, 10)), ("eval_every", (250, 50))):
+    for name, dflt in (("steps", (1000, 800)), ("batch_size", (256, 64)), ("lr", (2e-3, 2e-4)),
+                       ("warmup", (100, 20)), ("eval_every", (250, 200))):
         if getattr(args, name) is None:
             setattr(args, name, dflt[0] if sft else dflt[1])
     if args.student is None and not sft:
