@@ -46,16 +46,12 @@ def apply_op(a, op, b):
     return None
 
 
-def solve_all(numbers):
-    """Every reachable final value -> the first solution found, as a list of steps (a, op, b, c).
-
-    Search order is fixed (pairs left to right, larger operand first, ops + - * /), so the canonical
-    solution of a problem is deterministic."""
-    found = {}
-
+def step_lists(numbers):
+    """Every complete step list over `numbers`, as (final value, [(a, op, b, c), ...]), in a fixed search
+    order: pairs left to right, larger operand first, ops + - * /."""
     def rec(nums, steps):
         if len(nums) == 1:
-            found.setdefault(nums[0], list(steps))
+            yield nums[0], list(steps)
             return
         for i in range(len(nums)):
             for j in range(i + 1, len(nums)):
@@ -66,35 +62,24 @@ def solve_all(numbers):
                     if c is None or c <= 0:
                         continue
                     steps.append((a, op, b, c))
-                    rec(rest + [c], steps)
+                    yield from rec(rest + [c], steps)
                     steps.pop()
 
-    rec(list(numbers), [])
+    yield from rec(list(numbers), [])
+
+
+def solve_all(numbers):
+    """Every reachable final value -> the first solution found (the canonical one: the search order is
+    fixed, so it is deterministic), as a list of steps (a, op, b, c)."""
+    found = {}
+    for value, steps in step_lists(numbers):
+        found.setdefault(value, steps)
     return found
 
 
 def all_solutions(numbers, target):
     """Every step list (a >= b in each step) that reaches `target`, in the solver's fixed order."""
-    out = []
-
-    def rec(nums, steps):
-        if len(nums) == 1:
-            if nums[0] == target:
-                out.append(list(steps))
-            return
-        for i in range(len(nums)):
-            for j in range(i + 1, len(nums)):
-                a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
-                rest = [nums[k] for k in range(len(nums)) if k != i and k != j]
-                for op in "+-*/":
-                    c = apply_op(a, op, b)
-                    if c is not None and c > 0:
-                        steps.append((a, op, b, c))
-                        rec(rest + [c], steps)
-                        steps.pop()
-
-    rec(list(numbers), [])
-    return out
+    return [steps for value, steps in step_lists(numbers) if value == target]
 
 
 def augment(problem, rng):

@@ -10,23 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT
+from conftest import ROOT, make_ckpt
 from data.countdown import EOS, PAD, TOKENIZER_PATH, load_split, load_tokenizer, prompt_ids
 from losses import per_token_divergence
 from model import GPT, GPTConfig, load_pretrained, save_pretrained
 from rollout import generate, left_pad
 
 FAST = ["--batch-size", "8", "--max-new-tokens", "6", "--eval-n", "8", "--eval-every", "0", "--warmup", "0"]
-
-
-def make_ckpt(path, seed, n_layer, sharpen=1.0):
-    torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=23, n_layer=n_layer, n_head=2, d_model=32, d_mlp=64)
-    model = GPT(cfg)
-    with torch.no_grad():
-        model.head.weight.mul_(sharpen)  # a peaked teacher: something to distill
-    save_pretrained(model.state_dict(), cfg, str(path), TOKENIZER_PATH)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
-from model import GPT, GPTConfig, load_pretrained, save_pretrained
-from data.countdown import TOKENIZER_PATH
+from conftest import ROOT, make_ckpt
+from model import load_pretrained
 
 # a teacher with sharp distributions and a different student; lambda 0.5 with seq-KD exercises both
 # samplers (student and teacher) and both halves of the batch
 DISTILL = ["--batch-size", "16", "--max-new-tokens", "8", "--eval-n", "8", "--eval-every", "0", "--warmup", "1",
            "--lmbda", "0.5", "--seq-kd", "--lr", "3e-3"]
-
-
-def make_ckpt(path, seed, n_layer, sharpen=1.0):
-    torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=23, n_layer=n_layer, n_head=2, d_model=32, d_mlp=64)
-    model = GPT(cfg)
-    with torch.no_grad():
-        model.head.weight.mul_(sharpen)
-    save_pretrained(model.state_dict(), cfg, str(path), TOKENIZER_PATH)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
