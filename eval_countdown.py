@@ -108,7 +108,7 @@ def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_pat
     t_logits = teacher(batch.tokens, batch.pos, batch.valid)[:, :-1]
     kl = per_token_divergence(s_logits.flatten(0, 1), t_logits.flatten(0, 1), "rkl").view(s_logits.shape[:2])
     shades = [(0.05, 0), (0.3, 229), (1.0, 214), (3.0, 202), (float("inf"), 196)]  # KL thresholds, ANSI 256 colours
-    term, web = [], []
+    term, web, tty = [], [], sys.stdout.isatty()
     for i, (nums, target, _) in enumerate(problems):
         toks, ks = [], []
         for j in range(batch.prompt_len, batch.tokens.size(1)):
@@ -122,14 +122,18 @@ def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_pat
         spans = []
         for t, k in zip(toks, ks):
             colour = next(c for thr, c in shades if k < thr)
-            line += f"\x1b[48;5;{colour}m{t}\x1b[0m" if colour else t
+            if tty:
+                line += f"\x1b[48;5;{colour}m{t}\x1b[0m" if colour else t
+            else:  # a log or a pipe: mark the tokens with KL >= 1 instead of colouring them
+                line += f"[{t}]" if k >= 1.0 else t
             alpha = min(1.0, k / 3.0)
             spans.append(f'<span title="rkl {k:.3f}" style="background:rgba(255,0,0,{alpha:.2f})">'
                          f'{html_lib.escape(t)}</span>')
         term.append(line + f"   max rkl {max(ks, default=0):.2f}")
         web.append(f"<div><code>{'ok' if ok else 'BAD'} {html_lib.escape(prompt_text(nums, target))}{''.join(spans)}"
                    f"</code></div>")
-    print("per-token KL(student || teacher): none < 0.05 <= yellow < 0.3 <= orange < 1 <= dark orange < 3 <= red")
+    print("per-token KL(student || teacher): " + ("none < 0.05 <= yellow < 0.3 <= orange < 1 <= dark orange < 3 "
+                                                  "<= red" if tty else "[token] where >= 1 nat"))
     print("\n".join(term))
     if html_path:
         with open(html_path, "w") as f:
