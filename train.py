@@ -382,6 +382,10 @@ def main(argv=None):
     model = shard(model.to(device), device)
     teacher = shard(load_teacher(teacher_path)[0].to(device), device) if distill else None
     shared = shared_vocab(tok, t_tok, device) if distill and cross else None
+    if rank == 0 and cross and args.loss != "sampled":
+        print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "
+              "collapsed a number-level student under a char-level teacher on Countdown (README); --loss sampled "
+              "is exact on spans", file=sys.stderr)
     if rank == 0:
         print(f"student: {num_params(model) / 1e6:.3f}M params {cfg}" +
               (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if distill else ""))
