@@ -8,9 +8,9 @@ run (ratios mean something on a noisy machine; absolute times only on a quiet on
     python bench.py --device cuda --batch-size 256 --student-width 512 --teacher-layers 16   # bigger
     python bench.py --repeats 1 --new-tokens 8        # a quick smoke run
 
-On the 2-core CPU beside a 2-thread training job, the default run took 2.3 min (spinning OpenMP threads
-fighting the other job), the --threads 1 and OMP_WAIT_POLICY=PASSIVE runs about 20 s each; the header
-says "the CPU is busy" when the load average at start suggests this.
+On the quiet 2-core CPU the default run takes about 20 s. Beside a 2-thread training job it took 2.3 min
+with 2 repeats (spinning OpenMP threads fighting the other job) and about 20 s with --threads 1 or
+OMP_WAIT_POLICY=PASSIVE; the header says "the CPU is busy" when the load average at start suggests this.
 
 Reference workload (the defaults): student 4 layers, width 256, 4 heads, MLP 1024; teacher 8 layers, width
 512, 8 heads, MLP 2048; random weights; the Countdown tokenizer's vocabulary (data/tokenizer.json, 23 ids);
@@ -159,8 +159,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="completion tokens per row (no early stop)")
     p.add_argument("--loss", default="jsd", choices=["fkl", "rkl", "jsd"])
     p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement, after one warm-up "
-                   "(2 keeps the default run under 3 minutes on a busy 2-core CPU; 5 for steadier numbers)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, after one warm-up "
+                   "(5: about 20 s on the quiet 2-core CPU; use 2 on a busy one)")
     p.add_argument("--matmul-size", type=int, default=0, help="n of the peak matmul (0 = 2048 CPU, 8192 CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (meant for CUDA)")
