@@ -441,7 +441,10 @@ def main(argv=None):
         # 3. the frozen teacher scores every token in one forward pass (across tokenizers: the same text in
         #    its own tokens, aligned with the student's into spans)
         if distill and cross:
-            cb = cross_tokenizer_batch(batch, on_mine + off_mine, tok, t_tok, teacher.cfg.max_seq_len)
+            try:
+                cb = cross_tokenizer_batch(batch, on_mine + off_mine, tok, t_tok, teacher.cfg.max_seq_len)
+            except ValueError as e:  # text the teacher's tokenizer cannot reproduce: stop, never misalign
+                fail(f"step {step + 1}: {e}; the last good checkpoint is {args.out}/latest")
             t_logits = score(teacher, cb.teacher, autocast)
         else:
             t_logits = score(teacher, batch, autocast) if distill else None
