@@ -3,7 +3,7 @@
     python eval_countdown.py checkpoints/teacher                  # greedy accuracy on the test split
     python eval_countdown.py runs/sft --split val --n 200         # a run directory: its latest checkpoint
     python eval_countdown.py CKPT --sample-temperature 1.0 --samples 4   # plus sampled accuracy
-    python eval_countdown.py --table runs/rkl-l*                  # Markdown table of distillation runs
+    python eval_countdown.py --table runs/sweep/rkl-l*/           # Markdown table of distillation runs
     python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
 
 Prints accuracy, the format-valid rate (the answer has the step-list shape, right or wrong), the mean
