@@ -59,25 +59,32 @@ def matmul_params(cfg):
     return cfg.n_layer * (4 * d * d + 2 * d * cfg.d_mlp) + d * cfg.vocab_size
 
 
-def flops_forward(cfg, batch, q_len, k_start=0):
+def flops_forward(cfg, batch, q_len, k_start=0, n_out=None):
     """Matmul FLOPs of one forward of `batch` rows of `q_len` tokens each, appended after `k_start` tokens
-    already in a KV cache (k_start = 0: a plain causal forward of q_len tokens).
+    already in a KV cache (k_start = 0: a plain causal forward of q_len tokens), with logits for the last
+    `n_out` columns only (GPT.forward's out_from = q_len - n_out; default: every column).
 
-        linear:    2 * matmul_params * tokens                  (the head runs on every position)
-        attention: 2 * 2 * n_layer * d_model * pairs           (q.k^T and att.v, all heads together)
+        linear:    2 * batch * (n_layer * 3 d^2 * q_len                       (q, k, v of every column)
+                                + (n_layer - 1) * (d^2 + 2 d d_mlp) * q_len   (proj + MLP, all but the last block)
+                                + (d^2 + 2 d d_mlp + d V) * n_out)            (the last block's proj + MLP, the head)
+        attention: 2 * 2 * d_model * pairs                                    (q.k^T and att.v, all heads together)
 
     pairs counts the (query, key) pairs a causal model needs: query i (0-based) sees k_start + i + 1 keys
-    (the cache and itself), so pairs = batch * (q_len * k_start + q_len (q_len + 1) / 2). Masked pairs that
-    a kernel may compute anyway are not counted. Softmax, norms, GELU, rotary and the loss are left out (a
-    few percent at these shapes); a backward pass is 2x its forward."""
-    pairs = batch * (q_len * k_start + q_len * (q_len + 1) // 2)
-    return 2 * matmul_params(cfg) * batch * q_len + 4 * cfg.n_layer * cfg.d_model * pairs
+    (the cache and itself); every block has all q_len queries but the last, which has the last n_out. Masked
+    pairs that a kernel may compute anyway are not counted. Softmax, norms, GELU, rotary and the loss are
+    left out (a few percent at these shapes); a backward pass is 2x its forward."""
+    n_out = q_len if n_out is None else n_out
+    d, L = cfg.d_model, cfg.n_layer
+    rest = d * d + 2 * d * cfg.d_mlp
+    linear = 2 * batch * (L * 3 * d * d * q_len + (L - 1) * rest * q_len + (rest + d * cfg.vocab_size) * n_out)
+    pairs = lambda q0: batch * sum(k_start + i + 1 for i in range(q0, q_len))  # noqa: E731  queries q0..q_len-1
+    return linear + 4 * d * ((L - 1) * pairs(0) + pairs(q_len - n_out))
 
 
 def flops_generate(cfg, batch, prompt_len, new_tokens):
     """rollout.generate: one prefill of the prompts, then new_tokens - 1 one-token steps (the last sampled
     token is not fed back); step t attends over the prompt_len + t filled slots and itself."""
-    return flops_forward(cfg, batch, prompt_len) + sum(flops_forward(cfg, batch, 1, prompt_len + t)
+    return flops_forward(cfg, batch, prompt_len, n_out=1) + sum(flops_forward(cfg, batch, 1, prompt_len + t)
                                                        for t in range(new_tokens - 1))
 
 
@@ -220,7 +227,8 @@ def main(argv=None):
     reset_mem()
     times, out = median_times(dict(
         cache=timed(lambda: generate(student, ids, valid, N, no_eos, pad, temperature=0.0).tokens),
-        prefill=timed(lambda: student(ids, positions_from_valid(valid), valid, KVCache(scfg, B, P + N, device))),
+        prefill=timed(lambda: student(ids, positions_from_valid(valid), valid, KVCache(scfg, B, P + N, device),
+                                      out_from=P - 1)),  # as generate prefills: the last column's logits
         full=timed(lambda: generate_no_cache(student, ids, valid, N))), args.repeats,
         warmups=dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2))))  # the costliest: warm briefly
     mem["rollout"] = peak_mem_mb(device)
@@ -229,7 +237,7 @@ def main(argv=None):
     agree = (out["cache"][:, P:] == out["full"][:, P:]).float().mean().item()
     t_step = (t_cache - t_prefill) / (N - 1)
     f_cache, f_full = flops_generate(scfg, B, P, N), flops_no_cache(scfg, B, P, N)
-    f_prefill = flops_forward(scfg, B, P)
+    f_prefill = flops_forward(scfg, B, P, n_out=1)
     f_step = (f_cache - f_prefill) / (N - 1)  # the mean one-token step
     rollout = dict(kv_cache_tok_s=B * N / t_cache, no_cache_tok_s=B * N / t_full, speedup=t_full / t_cache,
                    same_tokens=same, token_agreement=agree, kv_cache_s=t_cache, no_cache_s=t_full,
@@ -249,15 +257,16 @@ def main(argv=None):
         else:
             completions = given
         batch = pack(prompts, completions, pad, device)
-        m = batch.mask[:, 1:]
+        c = batch.prompt_len  # as train.py: logits only where they predict completion tokens
+        m = batch.mask[:, c:]
         n_tok = m.sum().item()
         sync()
         t1 = time.perf_counter()
-        t_logits = score(teacher, batch, autocast=bf16)
+        t_logits = score(teacher, batch, bf16, c)
         sync()
         t2 = time.perf_counter()
         with amp():
-            s_logits = student(batch.tokens, batch.pos, batch.valid)[:, :-1].float()
+            s_logits = student(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1].float()
         loss = divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta)
         loss.backward()
         sync()
@@ -274,8 +283,8 @@ def main(argv=None):
     mem["distill"] = peak_mem_mb(device)
     steps = {}
     for lmbda in (1, 0):
-        fl = dict(rollout=f_cache if lmbda else 0, teacher=flops_forward(tcfg, B, P + N),
-                  student=3 * flops_forward(scfg, B, P + N), optimizer=0)
+        fl = dict(rollout=f_cache if lmbda else 0, teacher=flops_forward(tcfg, B, P + N, n_out=N + 1),
+                  student=3 * flops_forward(scfg, B, P + N, n_out=N + 1), optimizer=0)
         fl["step"] = sum(fl.values())
         steps[f"step_l{lmbda}"] = {k: dict(s=s, gflop=fl[k] / 1e9, mfu=fl[k] / s / (peak * 1e9))
                                    for k, s in times[lmbda].items()}

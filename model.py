@@ -49,7 +49,9 @@ class KVCache:
 
 
 def rms_norm(x, weight, eps=1e-6):
-    return F.rms_norm(x, (x.size(-1),), weight, eps)
+    # the formula F.rms_norm computes (bitwise equal in fp32, tested), written out: on CPU F.rms_norm goes
+    # through dtype copies that cost more than the arithmetic at these widths
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
 
 
 class RMSNorm(nn.Module):
@@ -62,9 +64,13 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    # x: [B, H, T, hd]; cos/sin: [B, 1, T, hd/2]. Rotate the two halves of each head.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotate the two halves of each head: [x1 cos - x2 sin, x1 sin + x2 cos], for q and k together.
+
+    x: [..., hd] (q and k stacked); cos: [..., hd] = [cos, cos]; sin: [..., hd] = [-sin, sin], so the
+    rotation is x * cos + [x2, x1] * sin: four ops instead of seven per tensor, the same floats
+    (x1 * -s equals -(x1 * s) and a + -b equals a - b exactly; tested against the two-half form)."""
+    h = x.size(-1) // 2
+    return x * cos + torch.cat([x[..., h:], x[..., :h]], dim=-1) * sin
 
 
 class Block(nn.Module):
@@ -78,20 +84,24 @@ class Block(nn.Module):
         self.fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, out_from=0):
+        """out_from > 0: return only columns out_from.. (keys and values still come from every column)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(self.norm1(x)).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin)  # [2, B, H, T, hd]: one rotation for q and k
+        v = qkv[2]
         if cache is not None:  # write this chunk's keys/values, attend over everything filled so far
             s0, s1 = cache.len, cache.len + T
             cache.k[layer, :, :, s0:s1] = k
             cache.v[layer, :, :, s0:s1] = v
             k, v = cache.k[layer, :, :, :s1], cache.v[layer, :, :, :s1]
+        if out_from:
+            q, x = q[:, :, out_from:], x[:, out_from:]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T - out_from, D))
         return x + self.fc_out(F.gelu(self.fc(self.norm2(x))))
 
 
@@ -107,8 +117,9 @@ class GPT(nn.Module):
         hd = cfg.d_model // cfg.n_head
         inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        # full head width, sign folded into sin: see apply_rope
+        self.register_buffer("rope_cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)
+        self.register_buffer("rope_sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -119,35 +130,55 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("proj.weight", "fc_out.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx, pos=None, valid=None, cache=None):
-        """Logits [B, T, V] for tokens idx [B, T].
+    def forward(self, idx, pos=None, valid=None, cache=None, out_from=0):
+        """Logits [B, T - out_from, V] for tokens idx [B, T].
 
-        pos:   [B, T] positions (default 0..T-1; with left padding use positions_from_valid).
-        valid: [B, T] bool, False on padding keys (left padding); None means every token is real.
-        cache: a KVCache; the tokens are appended at slots cache.len.. and attend to all filled slots."""
+        pos:      [B, T] positions (default 0..T-1; with left padding use positions_from_valid).
+        valid:    [B, T] bool, False on padding keys (left padding); None means every token is real.
+        cache:    a KVCache; the tokens are appended at slots cache.len.. and attend to all filled slots.
+        out_from: logits only for columns out_from.. (e.g. the completion, or the last prompt token when
+                  prefilling a cache). Every column still gives its keys and values in every layer; the
+                  last block computes its attention output, MLP, the final norm and the head only for
+                  the columns asked for, which is all that reads them. The logits are those of the full
+                  forward sliced [:, out_from:] (tested)."""
         B, T = idx.shape
+        if not 0 <= out_from < T:
+            raise ValueError(f"out_from {out_from} must be in [0, {T})")
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        cos = self.rope_cos[pos].unsqueeze(1).to(self.head.weight.dtype)
-        sin = self.rope_sin[pos].unsqueeze(1).to(self.head.weight.dtype)
-        mask = None
+        dtype = self.head.weight.dtype
+        cos = self.rope_cos[pos].unsqueeze(1).to(dtype)  # [B, 1, T, hd]
+        sin = self.rope_sin[pos].unsqueeze(1).to(dtype)
+        mask = last_mask = None  # None = plain causal
         if cache is not None:
             s0, s1 = cache.len, cache.len + T
             if s1 > cache.k.size(3):
                 raise ValueError(f"KV cache full: {s1} > {cache.k.size(3)} slots")
             cache.valid[:, s0:s1] = True if valid is None else valid
-            qs = torch.arange(s0, s1, device=idx.device)[:, None]
-            ks = torch.arange(s1, device=idx.device)[None, :]
-            # causal & key is real; a query always sees itself, so rows of padding never go all -inf
-            mask = ((ks <= qs) & cache.valid[:, None, :s1]) | (ks == qs)
-            mask = mask.unsqueeze(1)
+            if T == 1:  # one decode step: the query is the newest slot and may see every real filled slot
+                # (the last prompt token is real in every row, so no row of the mask is all False)
+                mask = cache.valid[:, None, None, :s1]
+            else:  # causal & key is real; a query always sees itself, so rows of padding never go all -inf
+                qs = torch.arange(s0, s1, device=idx.device)[:, None]
+                ks = torch.arange(s1, device=idx.device)[None, :]
+                mask = (((ks <= qs) & cache.valid[:, None, :s1]) | (ks == qs)).unsqueeze(1)
         elif valid is not None and not bool(valid.all()):
             ar = torch.arange(T, device=idx.device)
             mask = ((ar[None, :] <= ar[:, None]) & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=idx.device)
             mask = mask.unsqueeze(1)
+        if out_from:  # the last block's queries start at column out_from: not top-left causal any more
+            if mask is None:
+                ar = torch.arange(T, device=idx.device)
+                last_mask = ar[None, :] <= ar[out_from:, None]
+            else:
+                last_mask = mask[:, :, out_from:]
         x = self.embed(idx)
+        n = len(self.blocks)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)
+            if i == n - 1 and out_from:
+                x = block(x, cos, sin, last_mask, cache, i, out_from)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.len += T
         return self.head(self.norm(x))

@@ -102,7 +102,7 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg, B, P + max_new_tokens, device=device, dtype=dtype)
     pos = positions_from_valid(prompt_valid)
-    logits = model(prompt_ids, pos, prompt_valid, cache)[:, -1]
+    logits = model(prompt_ids, pos, prompt_valid, cache, out_from=P - 1)[:, -1]  # only the last column's logits
     next_pos = pos[:, -1] + 1  # the last prompt column is real in every row (left padding)
     toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)

@@ -41,10 +41,12 @@ def check_same_tokenizer(student_tok, teacher_tok):
 
 
 @torch.no_grad()
-def score(teacher, batch, autocast=False):
-    """Teacher logits (fp32) predicting each next token: [B, T-1, V], row t scores batch.tokens[:, t+1]."""
+def score(teacher, batch, autocast=False, start=1):
+    """Teacher logits (fp32) predicting tokens start..T-1: [B, T-start, V], row i scores
+    batch.tokens[:, start + i]. start=batch.prompt_len scores only the completion region (all a
+    same-tokenizer loss reads; the forward skips the rest where it can, see GPT.forward's out_from)."""
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
-        logits = teacher(batch.tokens, batch.pos, batch.valid)
+        logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=start - 1)
     return logits[:, :-1].float()
 
 

@@ -436,7 +436,10 @@ def main(argv=None):
         prompts = on_prompts + off_prompts
         t_roll = time.time() - t_roll
         batch = pack(prompts, completions, pad, device)
-        tgt, m = batch.tokens[:, 1:], batch.mask[:, 1:]
+        # the losses read only predictions of completion tokens: columns c.. (c = the prompt length; the
+        # cross-tokenizer spans index the whole layout, so there c = 1)
+        c = 1 if distill and cross else batch.prompt_len
+        tgt, m = batch.tokens[:, c:], batch.mask[:, c:]
         n_tok = all_sum(m.sum().item(), device)  # completion tokens of the whole step, all ranks
         # 3. the frozen teacher scores every token in one forward pass (across tokenizers: the same text in
         #    its own tokens, aligned with the student's into spans)
@@ -447,10 +450,10 @@ def main(argv=None):
                 fail(f"step {step + 1}: {e}; the last good checkpoint is {args.out}/latest")
             t_logits = score(teacher, cb.teacher, autocast)
         else:
-            t_logits = score(teacher, batch, autocast) if distill else None
+            t_logits = score(teacher, batch, autocast, c) if distill else None
         # 4. the student forward with grad
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-            s_logits = model(batch.tokens, batch.pos, batch.valid)[:, :-1].float()
+            s_logits = model(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1].float()
         # 5. the loss: summed over the step's completion tokens / their count (FSDP averages over ranks)
         if not distill:
             ce = F.cross_entropy(s_logits.flatten(0, 1), tgt.flatten(), reduction="none")
