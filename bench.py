@@ -7,8 +7,9 @@ run (ratios mean something on a noisy machine; absolute times only on a quiet on
     python bench.py --device cuda --dtype bf16        # the same workload on a GPU, bf16 autocast
     python bench.py --device cuda --batch-size 256 --student-width 512 --teacher-layers 16   # bigger
     python bench.py --repeats 1 --new-tokens 8        # a quick smoke run
+    python bench.py --samples-per-prompt 4            # 8 prompts x 4 samples: shared prefills vs not, side by side
 
-On the quiet 2-core CPU the default run takes about 20 s. Beside a 2-thread training job it took 2.3 min
+On the quiet 2-core CPU the default run takes about 30 s. Beside a 2-thread training job it took 2.3 min
 with 2 repeats (spinning OpenMP threads fighting the other job) and about 20 s with --threads 1 or
 OMP_WAIT_POLICY=PASSIVE; the header says "the CPU is busy" when the load average at start suggests this.
 
@@ -27,9 +28,14 @@ What is measured, each the median of --repeats runs after one warm-up:
                (teacher.score), student forward+backward (forward + divergence_loss + backward) and
                optimizer (clip_grad_norm_ + AdamW step + zero_grad), as in train.py's distill loop but
                without FSDP and without the logging extras.
-FLOPs are counted from the shapes (flops_forward); MFU = (FLOPs / time) / the fp32 (or bf16) matmul peak
-measured in the same run on a big square matmul. Peak memory: CUDA max_memory_allocated per section; CPU
-the process's max RSS (getrusage), which only grows, read at the end of each section.
+  what bounds  each part of the lambda = 1 step again, its matmul and attention kernels alone (kernel_floor:
+               recorded below autograd, replayed back to back on random tensors of the same shapes), so the
+               MFU the part would have if its norms, GELU, rotary, copies, sampling and Python were free.
+FLOPs are counted from the shapes of what is computed (flops_forward: logits only where the loss reads
+them; with --samples-per-prompt > 1 one prefill per distinct prompt); MFU = (FLOPs / time) / the fp32 (or
+bf16) matmul peak measured in the same run on a big square matmul (best of 10). Peak memory: CUDA
+max_memory_allocated per section; CPU the process's max RSS (getrusage), which only grows, read at the end
+of each section.
 The last stdout line is one JSON object.
 """
 import argparse
@@ -42,6 +48,7 @@ import time
 from dataclasses import asdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.countdown import TOKENIZER_PATH, load_tokenizer
 from losses import divergence_loss
@@ -119,17 +126,67 @@ def median_times(fns, repeats, warmups=None):
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}, last
 
 
-def matmul_peak(n, device, dtype, repeats, sync):
-    """GFLOP/s of an n x n x n matmul (median of repeats) in the dtype the workload computes in."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+class KernelRecorder(TorchDispatchMode):
+    """Records the matmul and attention kernels a piece of code runs (aten mm/addmm/bmm/baddbmm and the
+    scaled_dot_product attention ops, forward and backward), with the shapes, strides and dtypes of their
+    arguments, below autograd: what the hardware is asked to multiply, nothing else."""
+
+    MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in self.MATMULS or "scaled_dot_product" in name:
+            spec = lambda a: (a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            self.calls.append((func, [spec(a) for a in args], {k: spec(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def kernel_floor(fn, repeats, sync):
+    """Seconds that only the matmul and attention kernels of fn() take: fn runs once under a
+    KernelRecorder, then the recorded calls are replayed back to back on fresh random tensors of the same
+    shapes and strides (median of `repeats`). Everything else fn does (norms, GELU, rotary, residual adds,
+    cache writes, sampling, Python) is left out, so this is what the part would cost if all of that were
+    free: the bound on its MFU with these kernels on this machine."""
+    rec = KernelRecorder()
+    with rec:
+        fn()
+
+    def make(a):
+        if not (isinstance(a, tuple) and len(a) == 4 and isinstance(a[0], torch.Size)):
+            return a
+        shape, stride, dtype, dev = a
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+        return t.fill_(True) if dtype == torch.bool else t.normal_() if dtype.is_floating_point else t.zero_()
+    calls = [(f, [make(a) for a in args], {k: make(v) for k, v in kw.items()}) for f, args, kw in rec.calls]
 
     def run():
         sync()
         t0 = time.perf_counter()
-        a @ b
+        for f, args, kw in calls:
+            f(*args, **kw)
         sync()
         return {"s": time.perf_counter() - t0}, None
-    return 2 * n ** 3 / median_times({"mm": run}, max(3, repeats))[0]["mm"]["s"] / 1e9
+    return median_times({"replay": run}, repeats)[0]["replay"]["s"], len(calls)
+
+
+def matmul_peak(n, device, dtype, repeats, sync):
+    """GFLOP/s of an n x n x n matmul in the dtype the workload computes in: the best of max(10, repeats)
+    runs after a warm-up (a peak is what the machine can do; a median of a few let one slow run set it)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(max(10, repeats)):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def rounded(x, digits=4):
@@ -164,6 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="prompts per step")
     p.add_argument("--prompt-len", type=int, default=33, help="tokens per prompt, BOS included")
     p.add_argument("--new-tokens", type=int, default=32, help="completion tokens per row (no early stop)")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="rows per distinct prompt (the batch holds "
+                   "batch-size / this distinct prompts); > 1 adds the lambda=1 step without shared prefills")
     p.add_argument("--loss", default="jsd", choices=["fkl", "rkl", "jsd"])
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, after one warm-up "
@@ -174,8 +233,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if min(args.batch_size, args.prompt_len, args.repeats) < 1 or args.new_tokens < 2:
-        p.error("--batch-size, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
+    if min(args.batch_size, args.prompt_len, args.repeats, args.samples_per_prompt) < 1 or args.new_tokens < 2:
+        p.error("--batch-size, --prompt-len, --repeats and --samples-per-prompt must be >= 1, --new-tokens >= 2")
+    if args.batch_size % args.samples_per_prompt:
+        p.error(f"--batch-size {args.batch_size} is not a multiple of --samples-per-prompt {args.samples_per_prompt}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     return args
@@ -202,7 +263,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device.type == "cuda")
     g = torch.Generator().manual_seed(args.seed)
-    prompts = [[1] + torch.randint(4, V, (P - 1,), generator=g).tolist() for _ in range(B)]
+    S = args.samples_per_prompt  # B rows: B / S distinct prompts, each S times in a row (as train.py)
+    prompts = [p for p in ([1] + torch.randint(4, V, (P - 1,), generator=g).tolist() for _ in range(B // S))
+               for _ in range(S)]
     given = [torch.randint(4, V, (N,), generator=g).tolist() for _ in range(B)]  # lambda = 0 completions
     ids, valid = left_pad(prompts, pad, device)
     peak = matmul_peak(args.matmul_size or (8192 if device.type == "cuda" else 2048), device,
@@ -246,14 +309,16 @@ def main(argv=None):
                    kv_cache_mfu=f_cache / t_cache / (peak * 1e9), no_cache_mfu=f_full / t_full / (peak * 1e9))
 
     # -- 2. distill steps, lambda = 1 (the student samples) and lambda = 0 (given completions), in turn
-    def distill_step(lmbda):
+    def distill_step(lmbda, share=True, parts=None):
+        """One step; share: one prefill per distinct prompt (rollout and teacher). parts: a dict to fill
+        with part name -> a function that runs that part again on this step's tensors (for kernel_floor)."""
         sync()
         t0 = time.perf_counter()
         if lmbda == 1:
             gen = torch.Generator(device).manual_seed(args.seed)
             with torch.no_grad(), amp():
                 completions = generate(student, ids, valid, N, no_eos, pad, temperature=1.0,
-                                       generator=gen).completions()
+                                       generator=gen, share_prompts=share).completions()
         else:
             completions = given
         batch = pack(prompts, completions, pad, device)
@@ -262,15 +327,24 @@ def main(argv=None):
         n_tok = m.sum().item()
         sync()
         t1 = time.perf_counter()
-        t_logits = score(teacher, batch, bf16, c)
+        t_logits = score(teacher, batch, bf16, c, share_prompts=share)
         sync()
         t2 = time.perf_counter()
-        with amp():
-            s_logits = student(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1].float()
-        loss = divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta)
-        loss.backward()
+
+        def student_part():
+            with amp():
+                s_logits = student(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1].float()
+            divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta).backward()
+        student_part()
         sync()
         t3 = time.perf_counter()
+        if parts is not None:
+            def rollout_part():
+                with torch.no_grad(), amp():
+                    generate(student, ids, valid, N, no_eos, pad, temperature=1.0,
+                             generator=torch.Generator(device).manual_seed(args.seed), share_prompts=share)
+            parts.update(rollout=rollout_part, teacher=lambda: score(teacher, batch, bf16, c, share_prompts=share),
+                         student=student_part)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -278,16 +352,36 @@ def main(argv=None):
         t4 = time.perf_counter()
         return dict(rollout=t1 - t0, teacher=t2 - t1, student=t3 - t2, optimizer=t4 - t3, step=t4 - t0), None
 
+    variants = {"l1": (1, True), "l0": (0, True)}  # name -> (lambda, prompts shared)
+    if S > 1:  # the same lambda = 1 step with every row prefilled on its own, side by side
+        variants["l1_unshared"] = (1, False)
     reset_mem()
-    times, _ = median_times({1: lambda: distill_step(1), 0: lambda: distill_step(0)}, args.repeats)
+    times, _ = median_times({k: (lambda lm=lm, sh=sh: distill_step(lm, sh)) for k, (lm, sh) in variants.items()},
+                            args.repeats)
     mem["distill"] = peak_mem_mb(device)
     steps = {}
-    for lmbda in (1, 0):
-        fl = dict(rollout=f_cache if lmbda else 0, teacher=flops_forward(tcfg, B, P + N, n_out=N + 1),
+    for name, (lmbda, share) in variants.items():
+        K = B // S if share else B  # rows the prompts are prefilled for
+        roll = flops_forward(scfg, K, P, n_out=1) + f_cache - flops_forward(scfg, B, P, n_out=1)
+        teach = (flops_forward(tcfg, K, P, n_out=1) + flops_forward(tcfg, B, N, k_start=P) if K < B
+                 else flops_forward(tcfg, B, P + N, n_out=N + 1))
+        fl = dict(rollout=roll if lmbda else 0, teacher=teach,
                   student=3 * flops_forward(scfg, B, P + N, n_out=N + 1), optimizer=0)
         fl["step"] = sum(fl.values())
-        steps[f"step_l{lmbda}"] = {k: dict(s=s, gflop=fl[k] / 1e9, mfu=fl[k] / s / (peak * 1e9))
-                                   for k, s in times[lmbda].items()}
+        steps[f"step_{name}"] = {k: dict(s=s, gflop=fl[k] / 1e9, mfu=fl[k] / s / (peak * 1e9))
+                                 for k, s in times[name].items()}
+
+    # -- 3. what bounds the lambda = 1 step: its matmul and attention kernels alone, replayed
+    parts = {}
+    distill_step(1, parts=parts)
+    floor = {}
+    for k, fn in parts.items():
+        s_floor, n_calls = kernel_floor(fn, args.repeats, sync)
+        f = steps["step_l1"][k]["gflop"] * 1e9
+        floor[k] = dict(s=s_floor, kernels=n_calls, mfu=f / s_floor / (peak * 1e9))
+    opt = steps["step_l1"]["optimizer"]["s"]  # no matmuls: its floor is its own time
+    floor["step"] = dict(s=sum(v["s"] for v in floor.values()) + opt, kernels=sum(v["kernels"] for v in floor.values()))
+    floor["step"]["mfu"] = steps["step_l1"]["step"]["gflop"] * 1e9 / floor["step"]["s"] / (peak * 1e9)
 
     # -- report
     print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
@@ -311,18 +405,28 @@ def main(argv=None):
     print(f"KV cache speed-up x{rollout['speedup']:.2f}; same greedy tokens: {same} ({agree:.1%} agree); "
           f"decode step {t_step * 1e3:.2f} ms vs FLOP floor {rollout['decode_step_floor_s'] * 1e3:.3f} ms "
           f"(x{t_step / rollout['decode_step_floor_s']:.0f})\n")
-    print(f"{'distill step':<20}" + "".join(f"{f'lambda={lmbda}: ms':>13}{'%':>6}{'GFLOP':>8}{'MFU':>7}"
-                                              for lmbda in (1, 0)))
+    heads = dict(l1="lambda=1", l0="lambda=0", l1_unshared="l=1 unshared")
+    print(f"{'distill step':<20}" + "".join(f"{heads[n] + ': ms':>17}{'%':>5}{'GFLOP':>8}{'MFU':>7}" for n in variants))
     labels = dict(rollout="rollout + pack", teacher="teacher score", student="student fwd+bwd",
                   optimizer="clip + AdamW", step="step (total)")
     for k, label in labels.items():
         row = f"{label:<20}"
-        for lmbda in (1, 0):
-            r, tot = steps[f"step_l{lmbda}"][k], steps[f"step_l{lmbda}"]["step"]["s"]
-            row += f"{r['s'] * 1e3:>13.1f}{r['s'] / tot:>6.0%}{r['gflop']:>8.2f}"
+        for n in variants:
+            r, tot = steps[f"step_{n}"][k], steps[f"step_{n}"]["step"]["s"]
+            row += f"{r['s'] * 1e3:>17.1f}{r['s'] / tot:>5.0%}{r['gflop']:>8.2f}"
             row += f"{r['mfu']:>7.1%}" if r["gflop"] else f"{'-':>7}"
         print(row)
     print("(parts are medians of their own; their sum need not equal the median step)")
+    if S > 1:
+        print(f"{S} samples per prompt: sharing each prompt's prefill (rollout and teacher) takes the lambda=1 step "
+              f"from {steps['step_l1_unshared']['step']['s'] * 1e3:.1f} to {steps['step_l1']['step']['s'] * 1e3:.1f} ms")
+    print(f"\n{'what bounds lambda=1':<20}{'ms':>9}{'mm+attn ms':>12}{'kernels':>9}{'MFU':>7}{'MFU bound':>11}")
+    for k, label in labels.items():
+        if k in floor:
+            r, fl_ = steps["step_l1"][k], floor[k]
+            print(f"{label:<20}{r['s'] * 1e3:>9.1f}{fl_['s'] * 1e3:>12.1f}{fl_['kernels']:>9}{r['mfu']:>7.1%}{fl_['mfu']:>11.1%}")
+    print("(mm+attn: the part's matmul and attention kernels alone, replayed on random tensors of the same shapes;\n"
+          " MFU bound: the part's MFU if everything else it does took no time; the step's bound counts clip + AdamW)")
     what = "max allocated" if device.type == "cuda" else "process max RSS (cumulative)"
     print(f"peak memory, {what}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
     print(json.dumps(rounded(dict(
@@ -330,7 +434,8 @@ def main(argv=None):
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), vocab=V, batch=B,
         prompt_len=P, new_tokens=N, loss=args.loss, repeats=args.repeats, student=asdict(scfg), teacher=asdict(tcfg),
         student_matmul_params=matmul_params(scfg), teacher_matmul_params=matmul_params(tcfg),
-        matmul_peak_gflops=peak, rollout=rollout, **steps, peak_mem_mb=mem))))
+        samples_per_prompt=S, matmul_peak_gflops=peak, rollout=rollout, **steps, kernel_floor_l1=floor,
+        peak_mem_mb=mem))))
 
 
 if __name__ == "__main__":

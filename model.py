@@ -47,6 +47,40 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.len = 0
 
+    def rows(self, index):
+        """A new cache whose row i is a copy of row index[i] of this one (e.g. one prompt's keys and values
+        for each of its samples)."""
+        new = object.__new__(KVCache)
+        new.k, new.v, new.valid, new.len = self.k[:, index], self.v[:, index], self.valid[index], self.len
+        return new
+
+
+def distinct_rows(ids, valid):
+    """(first, inverse): rows[first] are the distinct rows of the left-padded ids (rows with the same real
+    tokens at the same places are equal), and row b equals rows[first][inverse[b]]."""
+    key = ids.masked_fill(~valid, -1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    B = ids.size(0)
+    first = torch.full((int(inverse.max()) + 1,), B, device=ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(B, device=ids.device), "amin")
+    return first, inverse
+
+
+def prefill(model, ids, pos, valid, max_len, share=True):
+    """Run left-padded prompts into a new KVCache of max_len slots: (logits of the last column [B, V],
+    the cache). share: a prompt that occurs several times in the batch (several samples per prompt) runs
+    once and its keys/values are copied to its rows; the same logits and cache as running every row (up to
+    float rounding of the smaller batch), for 1/k of the compute with k samples per prompt."""
+    B, P = ids.shape
+    dtype = next(model.parameters()).dtype
+    first, inverse = distinct_rows(ids, valid) if share else (None, None)
+    if first is None or len(first) == B:
+        cache = KVCache(model.cfg, B, max_len, device=ids.device, dtype=dtype)
+        return model(ids, pos, valid, cache, out_from=P - 1)[:, -1], cache
+    cache = KVCache(model.cfg, len(first), max_len, device=ids.device, dtype=dtype)
+    logits = model(ids[first], pos[first], valid[first], cache, out_from=P - 1)[:, -1]
+    return logits[inverse], cache.rows(inverse)
+
 
 def rms_norm(x, weight, eps=1e-6):
     # the formula F.rms_norm computes (bitwise equal in fp32, tested), written out: on CPU F.rms_norm goes

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import KVCache, positions_from_valid
+from model import positions_from_valid, prefill
 
 
 @dataclass
@@ -84,7 +84,7 @@ def sample_token(logits, temperature, top_k=None, generator=None, noise=None):
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
-             temperature=1.0, top_k=None, generator=None, rows=None, n_rows=None):
+             temperature=1.0, top_k=None, generator=None, rows=None, n_rows=None, share_prompts=True):
     """Sample completions for left-padded prompts with a preallocated KV cache.
 
     rows / n_rows: these B prompts are rows `rows` (a LongTensor [B]) of a global batch of n_rows
@@ -93,16 +93,15 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
     global row index, not on which rows share its batch: split over the ranks of a torchrun job (every
     rank seeding the same generator), N processes sample exactly what one process samples.
 
-    The prompts are prefilled once; then one token per step for every row, until every row has emitted
+    The prompts are prefilled once (a prompt that several rows share, once: model.prefill; share_prompts=False
+    runs every row); then one token per step for every row, until every row has emitted
     EOS or max_new_tokens is reached. Under torch.distributed with several ranks, every rank runs the same
     number of steps (an all-reduce of "anyone still running" per step), as FSDP's collectives require.
     Returns a Batch whose logprobs are log-softmax of the model's (untempered) logits at the sampled tokens."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, P + max_new_tokens, device=device, dtype=dtype)
     pos = positions_from_valid(prompt_valid)
-    logits = model(prompt_ids, pos, prompt_valid, cache, out_from=P - 1)[:, -1]  # only the last column's logits
+    logits, cache = prefill(model, prompt_ids, pos, prompt_valid, P + max_new_tokens, share_prompts)
     next_pos = pos[:, -1] + 1  # the last prompt column is real in every row (left padding)
     toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from data.countdown import PAD, prompt_ids
 from losses import span_sum
-from model import load_pretrained, load_tokenizer_for, resolve_checkpoint
+from model import distinct_rows, load_pretrained, load_tokenizer_for, prefill, resolve_checkpoint
 from rollout import Batch, pack
 
 
@@ -41,11 +41,23 @@ def check_same_tokenizer(student_tok, teacher_tok):
 
 
 @torch.no_grad()
-def score(teacher, batch, autocast=False, start=1):
+def score(teacher, batch, autocast=False, start=1, share_prompts=True):
     """Teacher logits (fp32) predicting tokens start..T-1: [B, T-start, V], row i scores
     batch.tokens[:, start + i]. start=batch.prompt_len scores only the completion region (all a
-    same-tokenizer loss reads; the forward skips the rest where it can, see GPT.forward's out_from)."""
+    same-tokenizer loss reads; the forward skips the rest where it can, see GPT.forward's out_from).
+
+    There, when rows share a prompt (--samples-per-prompt > 1) and share_prompts is on, each distinct
+    prompt runs once into a KV cache (model.prefill) and the completions run on their copies of it:
+    the same logits up to float rounding, with the prompt's compute divided by the samples per prompt."""
+    P, T = batch.prompt_len, batch.tokens.size(1)
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
+        if start == P and share_prompts and P > 1:
+            first, _ = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
+            if len(first) < len(batch.tokens):
+                pos = batch.pos
+                last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T)
+                rest = teacher(batch.tokens[:, P:], pos[:, P:], batch.valid[:, P:], cache)
+                return torch.cat([last[:, None], rest[:, :-1]], 1).float()
         logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=start - 1)
     return logits[:, :-1].float()
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import flops_forward, flops_generate, flops_no_cache, generate_no_cache, matmul_params
+from bench import (KernelRecorder, flops_forward, flops_generate, flops_no_cache, generate_no_cache, kernel_floor,
+                   matmul_params)
 from model import GPT, GPTConfig
 from rollout import generate, left_pad
 
@@ -96,6 +97,22 @@ def test_rollout_flops_match_counted(monkeypatch):
     assert c.total == flops_no_cache(model.cfg, B, P, N)
 
 
+def test_kernel_recorder_sees_every_matmul_and_attention_call():
+    """A forward runs 4 linears per block + the head, and one attention per block; a backward runs two
+    matmuls per linear (input and weight gradients) and one attention backward per block."""
+    model = tiny()
+    L = model.cfg.n_layer
+    x = torch.randint(4, 23, (2, 9))
+    rec = KernelRecorder()
+    with rec:
+        model(x).sum().backward()
+    names = [f._schema.name.split("::")[-1] for f, _, _ in rec.calls]
+    assert sum(n in KernelRecorder.MATMULS for n in names) == 3 * (4 * L + 1)
+    assert sum("scaled_dot_product" in n for n in names) == 2 * L
+    s, n_calls = kernel_floor(lambda: model(x), 1, lambda: None)
+    assert n_calls == 4 * L + 1 + L and s > 0
+
+
 def test_bench_runs_and_prints_json():
     cmd = [sys.executable, "bench.py", "--student-layers", "1", "--student-width", "16", "--student-heads", "2",
            "--teacher-layers", "1", "--teacher-width", "32", "--teacher-heads", "2", "--batch-size", "2",
@@ -112,3 +129,40 @@ def test_bench_runs_and_prints_json():
         assert all(set(part) == {"s", "gflop", "mfu"} and part["s"] > 0 for part in res[lmbda].values())
     assert res["step_l0"]["rollout"]["gflop"] == 0 < res["step_l1"]["rollout"]["gflop"]
     assert res["matmul_peak_gflops"] > 0 and res["batch"] == 2 and res["new_tokens"] == 3
+    assert set(res["kernel_floor_l1"]) == {"rollout", "teacher", "student", "step"}
+    for part, fl in res["kernel_floor_l1"].items():  # the kernels alone cannot take longer than the part
+        assert 0 < fl["s"] and fl["kernels"] > 0 and (part == "step" or fl["s"] < 1.5 * res["step_l1"][part]["s"])
+
+
+def test_bench_samples_per_prompt_shares_prefills():
+    """With 2 samples per prompt the lambda=1 step is also run unshared; sharing computes fewer FLOPs."""
+    cmd = [sys.executable, "bench.py", "--student-layers", "1", "--student-width", "16", "--student-heads", "2",
+           "--teacher-layers", "1", "--teacher-width", "32", "--teacher-heads", "2", "--batch-size", "4",
+           "--samples-per-prompt", "2", "--prompt-len", "5", "--new-tokens", "3", "--repeats", "1",
+           "--matmul-size", "64"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    shared, unshared = res["step_l1"], res["step_l1_unshared"]
+    assert shared["teacher"]["gflop"] < unshared["teacher"]["gflop"]
+    assert shared["rollout"]["gflop"] < unshared["rollout"]["gflop"]
+    assert shared["student"]["gflop"] == unshared["student"]["gflop"]
+    bad = subprocess.run(cmd[:-8] + ["--batch-size", "5", "--samples-per-prompt", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a multiple" in bad.stderr
+
+
+@torch.no_grad()
+def test_shared_prompt_teacher_flops_match_counted(monkeypatch):
+    """teacher.score with K distinct prompts of B rows: one prefill of K rows (last column's logits only),
+    then the completions of all B rows over their cached prompt: the count bench.py uses."""
+    from rollout import pack
+    from teacher import score
+    model = tiny(d_model=64, n_head=4, d_mlp=128)
+    B, K, P, N = 6, 2, 5, 4
+    distinct = [[1] + torch.randint(4, 23, (P - 1,)).tolist() for _ in range(K)]
+    b = pack([p for p in distinct for _ in range(B // K)], [torch.randint(4, 23, (N,)).tolist() for _ in range(B)], 0)
+    c = Counter(model, monkeypatch)
+    score(model, b, start=P)
+    assert c.total == flops_forward(model.cfg, K, P, n_out=1) + flops_forward(model.cfg, B, N, k_start=P)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import divergence_loss
-from model import GPT, GPTConfig, KVCache, apply_rope, positions_from_valid, rms_norm
+from model import GPT, GPTConfig, KVCache, apply_rope, distinct_rows, positions_from_valid, rms_norm
 from rollout import left_pad, pack
 from teacher import score
 
@@ -107,3 +107,47 @@ def test_completion_only_loss_and_gradients_equal_the_full_forward(loss):
     for name in full_grads:
         torch.testing.assert_close(part_grads[name], full_grads[name], rtol=1e-4, atol=1e-7, msg=name)
     assert any(bool(g.abs().sum() > 0) for g in part_grads.values())
+
+
+def spp_batch(spp, seed=5):
+    """Prompts of different lengths, each repeated spp times in a row (train.py's --samples-per-prompt
+    layout), plus one prompt that occurs once."""
+    g = torch.Generator().manual_seed(seed)
+    distinct = [[1] + torch.randint(4, 23, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    return [p for p in distinct for _ in range(spp)] + [[1, 5, 6]]
+
+
+def test_distinct_rows_groups_equal_prompts():
+    ids, valid = left_pad(spp_batch(3), 0)
+    first, inverse = distinct_rows(ids, valid)
+    assert len(first) == 4
+    assert torch.equal(ids[first][inverse], ids) and torch.equal(valid[first][inverse], valid)
+    assert sorted(first.tolist()) == [0, 3, 6, 9]  # the first row of each group
+
+
+@torch.no_grad()
+def test_shared_prompt_prefill_samples_what_every_row_prefilled_samples():
+    from rollout import generate
+    model = tiny().eval()
+    ids, valid = left_pad(spp_batch(4), 0)
+    out = [generate(model, ids, valid, 10, 2, 0, temperature=1.0, generator=torch.Generator().manual_seed(7),
+                    share_prompts=share) for share in (True, False)]
+    assert torch.equal(out[0].tokens, out[1].tokens) and torch.equal(out[0].mask, out[1].mask)
+    torch.testing.assert_close(out[0].logprobs, out[1].logprobs, rtol=1e-5, atol=1e-6)
+    assert len({tuple(c) for c in out[0].completions()[:4]}) > 1  # the samples of one prompt differ
+
+
+@torch.no_grad()
+def test_shared_prompt_teacher_scores_equal_the_full_forward():
+    teacher = tiny(2).eval()
+    g = torch.Generator().manual_seed(8)
+    ps = spp_batch(3)
+    comps = [torch.randint(4, 23, (int(n),), generator=g).tolist() + [2] for n in torch.randint(0, 8, (len(ps),), generator=g)]
+    b = pack(ps, comps, 0)
+    P = b.prompt_len
+    full = teacher(b.tokens, b.pos, b.valid)[:, P - 1:-1]
+    shared = score(teacher, b, start=P)
+    plain = score(teacher, b, start=P, share_prompts=False)
+    assert shared.shape == full.shape == plain.shape
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, full, rtol=1e-5, atol=1e-5)
