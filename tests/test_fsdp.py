@@ -53,14 +53,16 @@ def final_weights(out, step):
     return load_file(os.path.join(out, "ckpt", f"step_{step:06d}", "model.safetensors"))
 
 
-@pytest.mark.parametrize("loss", ["jsd", "sampled"])
-def test_two_processes_compute_what_one_does(ckpts, tmp_path, loss):
+@pytest.mark.parametrize("loss,extra", [("jsd", []), ("sampled", []), ("jsd", ["--samples-per-prompt", "2"])])
+def test_two_processes_compute_what_one_does(ckpts, tmp_path, loss, extra):
+    """With 2 samples per prompt, one process prefills each prompt once for its two rows (rollout and
+    teacher); each of 2 processes holds one row of every prompt (rows r::2) and shares nothing."""
     teacher, student = ckpts
     outs = {}
     for n in (1, 2):
         outs[n] = str(tmp_path / f"np{n}")
         run(train_cmd(n), "--teacher", teacher, "--student", student, "--out", outs[n], "--steps", "4",
-            "--loss", loss, *DISTILL)
+            "--loss", loss, *DISTILL, *extra)
     one, two = losses(outs[1]), losses(outs[2])
     assert [r[0] for r in one] == [1, 2, 3, 4] and [r[2] for r in two] == [0.5] * 4
     # same samples, loss, per-token reverse KL and gradient norm (the gradient's scale: Adam would hide a
