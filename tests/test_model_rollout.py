@@ -41,6 +41,34 @@ def test_cached_greedy_equals_naive_decode():
 
 
 @torch.no_grad()
+def test_cached_sampling_equals_full_recompute_with_the_same_noise():
+    """Temperature 1, rows stopping at different steps, prompts repeated (a shared prefill): the cached
+    rollout samples the tokens a loop that recomputes every row from scratch samples from the same
+    uniform draws (one [B, V] block per step, Gumbel-max)."""
+    model = tiny(5)
+    for p in model.parameters():  # a freshly initialised model is nearly uniform: the noise alone would
+        p.mul_(4.0)               # decide the samples, whatever the cache held; sharpen it
+    model.head.weight[EOS] += 0.3 * model.head.weight.std() * torch.randn_like(model.head.weight[EOS]).sign()
+    ps = [p for p in prompts(5, lengths=(2, 6, 4)) for _ in range(2)] + prompts(6, lengths=(8,))
+    ids, valid = left_pad(ps, PAD)
+    B, N, V = len(ps), 12, model.cfg.vocab_size
+    b = generate(model, ids, valid, N, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    seqs, done = [list(p) for p in ps], [False] * B
+    for _ in range(N):
+        noise = torch.rand(B, V, generator=g)
+        if all(done):
+            break
+        for i in range(B):
+            if not done[i]:
+                logits = model(torch.tensor([seqs[i]]))[0, -1]
+                seqs[i].append(int((logits - torch.log(-torch.log(noise[i]))).argmax()))
+                done[i] = seqs[i][-1] == EOS
+    assert b.completions() == [s[len(p):] for s, p in zip(seqs, ps)]
+    assert any(done) and not all(len(c) == N for c in b.completions())
+
+
+@torch.no_grad()
 def test_cached_logits_match_full_forward_with_left_padding():
     model = tiny(1)
     ps = prompts(1)
