@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.countdown import TOKENIZER_PATH, load_tokenizer
 from losses import divergence_loss
-from model import GPT, GPTConfig, KVCache, positions_from_valid
+from model import GPT, GPTConfig, positions_from_valid, prefill
 from rollout import generate, left_pad, pack, sample_token
 from teacher import score
 
@@ -88,11 +88,12 @@ def flops_forward(cfg, batch, q_len, k_start=0, n_out=None):
     return linear + 4 * d * ((L - 1) * pairs(0) + pairs(q_len - n_out))
 
 
-def flops_generate(cfg, batch, prompt_len, new_tokens):
-    """rollout.generate: one prefill of the prompts, then new_tokens - 1 one-token steps (the last sampled
-    token is not fed back); step t attends over the prompt_len + t filled slots and itself."""
-    return flops_forward(cfg, batch, prompt_len, n_out=1) + sum(flops_forward(cfg, batch, 1, prompt_len + t)
-                                                       for t in range(new_tokens - 1))
+def flops_generate(cfg, batch, prompt_len, new_tokens, prefill_rows=None):
+    """rollout.generate: one prefill of the prompts (of prefill_rows distinct ones, default batch), then
+    new_tokens - 1 one-token steps of every row (the last sampled token is not fed back); step t attends
+    over the prompt_len + t filled slots and itself."""
+    return (flops_forward(cfg, prefill_rows or batch, prompt_len, n_out=1)
+            + sum(flops_forward(cfg, batch, 1, prompt_len + t) for t in range(new_tokens - 1)))
 
 
 def flops_no_cache(cfg, batch, prompt_len, new_tokens):
@@ -290,8 +291,7 @@ def main(argv=None):
     reset_mem()
     times, out = median_times(dict(
         cache=timed(lambda: generate(student, ids, valid, N, no_eos, pad, temperature=0.0).tokens),
-        prefill=timed(lambda: student(ids, positions_from_valid(valid), valid, KVCache(scfg, B, P + N, device),
-                                      out_from=P - 1)),  # as generate prefills: the last column's logits
+        prefill=timed(lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N)),  # as generate
         full=timed(lambda: generate_no_cache(student, ids, valid, N))), args.repeats,
         warmups=dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2))))  # the costliest: warm briefly
     mem["rollout"] = peak_mem_mb(device)
@@ -299,8 +299,8 @@ def main(argv=None):
     same = torch.equal(out["cache"], out["full"])  # the speed-up is not bought with a different result
     agree = (out["cache"][:, P:] == out["full"][:, P:]).float().mean().item()
     t_step = (t_cache - t_prefill) / (N - 1)
-    f_cache, f_full = flops_generate(scfg, B, P, N), flops_no_cache(scfg, B, P, N)
-    f_prefill = flops_forward(scfg, B, P, n_out=1)
+    f_cache, f_full = flops_generate(scfg, B, P, N, B // S), flops_no_cache(scfg, B, P, N)
+    f_prefill = flops_forward(scfg, B // S, P, n_out=1)
     f_step = (f_cache - f_prefill) / (N - 1)  # the mean one-token step
     rollout = dict(kv_cache_tok_s=B * N / t_cache, no_cache_tok_s=B * N / t_full, speedup=t_full / t_cache,
                    same_tokens=same, token_agreement=agree, kv_cache_s=t_cache, no_cache_s=t_full,
@@ -362,7 +362,7 @@ def main(argv=None):
     steps = {}
     for name, (lmbda, share) in variants.items():
         K = B // S if share else B  # rows the prompts are prefilled for
-        roll = flops_forward(scfg, K, P, n_out=1) + f_cache - flops_forward(scfg, B, P, n_out=1)
+        roll = flops_generate(scfg, B, P, N, K)
         teach = (flops_forward(tcfg, K, P, n_out=1) + flops_forward(tcfg, B, N, k_start=P) if K < B
                  else flops_forward(tcfg, B, P + N, n_out=N + 1))
         fl = dict(rollout=roll if lmbda else 0, teacher=teach,

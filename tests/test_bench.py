@@ -182,3 +182,14 @@ def test_a_failing_kernel_replay_leaves_the_timings(monkeypatch, capsys):
     assert "the kernel replay failed (RuntimeError: kernel wants real contents)" in out
     res = json.loads(out.strip().splitlines()[-1])
     assert res["kernel_floor_l1"] is None and res["step_l1"]["step"]["s"] > 0
+
+
+@torch.no_grad()
+def test_shared_prompt_rollout_flops_match_counted(monkeypatch):
+    model = tiny(d_model=64, n_head=4, d_mlp=128)
+    B, K, P, N = 6, 3, 5, 4
+    distinct = [[1] + torch.randint(4, 23, (P - 1,)).tolist() for _ in range(K)]
+    ids, valid = left_pad([p for p in distinct for _ in range(B // K)], 0)
+    c = Counter(model, monkeypatch)
+    generate(model, ids, valid, N, eos_id=-1, pad_id=0, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert c.total == flops_generate(model.cfg, B, P, N, prefill_rows=K) < flops_generate(model.cfg, B, P, N)
