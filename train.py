@@ -361,7 +361,7 @@ def main(argv=None):
         fail(str(e))
     try:
         os.makedirs(os.path.join(args.out, "ckpt"), exist_ok=True)
-        probe = os.path.join(args.out, ".write_test")
+        probe = os.path.join(args.out, f".write_test.{os.getpid()}")  # one per process: ranks run this together
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
