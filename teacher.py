@@ -2,7 +2,8 @@
 
 The teacher never trains: eval mode, requires_grad off, no optimizer state, every call under no_grad.
 One forward pass scores a whole batch (prompt + completion) in the shared layout of rollout.Batch, with
-the same positions the student used when sampling.
+the same positions the student used when sampling (two when rows share prompts: each distinct prompt
+once, then the completions over its cached keys and values; see score).
 
 Across tokenizers (student and teacher vocabularies differ), the student's completions are decoded to
 text, re-tokenized by the teacher and aligned into spans (see align_completion); cross_tokenizer_batch
