@@ -3,8 +3,10 @@
 - rotary positions: q and k rotated together in the rotate-half form == the two-half formula, bitwise;
 - logits only for the columns a loss reads (GPT.forward's out_from) == the full forward sliced, and the
   distillation loss and its gradients through it == those through the full forward;
-- the one-token decode mask: covered by test_model_rollout (cached decode == naive decode, and the
-  sampled tokens' logprobs == a full forward of the finished rows, EOS rows included).
+- one prefill per distinct prompt (model.prefill): the same samples, logprobs and teacher logits as
+  prefilling every row (and in test_fsdp, 1 process sharing == 2 processes sharing nothing);
+- the one-token decode mask: covered by test_model_rollout (cached greedy decode == naive decode, cached
+  sampling == full recompute fed the same noise, logprobs == a full forward of the finished rows).
 """
 import pytest
 import torch
