@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.countdown import TOKENIZER_PATH, load_tokenizer
 from losses import divergence_loss
-from model import GPT, GPTConfig, positions_from_valid, prefill
+from model import GPT, GPTConfig, distinct_rows, positions_from_valid, prefill
 from rollout import generate, left_pad, pack, sample_token
 from teacher import score
 
@@ -291,7 +291,8 @@ def main(argv=None):
     reset_mem()
     times, out = median_times(dict(
         cache=timed(lambda: generate(student, ids, valid, N, no_eos, pad, temperature=0.0).tokens),
-        prefill=timed(lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N)),  # as generate
+        prefill=timed(lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N,  # as generate
+                                      distinct_rows(ids, valid))),
         full=timed(lambda: generate_no_cache(student, ids, valid, N))), args.repeats,
         warmups=dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2))))  # the costliest: warm briefly
     mem["rollout"] = peak_mem_mb(device)

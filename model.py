@@ -66,17 +66,18 @@ def distinct_rows(ids, valid):
     return first, inverse
 
 
-def prefill(model, ids, pos, valid, max_len, share=True):
+def prefill(model, ids, pos, valid, max_len, groups=None):
     """Run left-padded prompts into a new KVCache of max_len slots: (logits of the last column [B, V],
-    the cache). share: a prompt that occurs several times in the batch (several samples per prompt) runs
-    once and its keys/values are copied to its rows; the same logits and cache as running every row (up to
-    float rounding of the smaller batch), for 1/k of the compute with k samples per prompt."""
+    the cache). groups: distinct_rows(ids, valid) to run a prompt that occurs several times in the batch
+    (several samples per prompt) once and copy its keys/values to its rows: the same logits and cache as
+    running every row (up to float rounding of the smaller batch), for 1/k of the compute with k samples
+    per prompt. None runs every row."""
     B, P = ids.shape
     dtype = next(model.parameters()).dtype
-    first, inverse = distinct_rows(ids, valid) if share else (None, None)
-    if first is None or len(first) == B:
+    if groups is None or len(groups[0]) == B:
         cache = KVCache(model.cfg, B, max_len, device=ids.device, dtype=dtype)
         return model(ids, pos, valid, cache, out_from=P - 1)[:, -1], cache
+    first, inverse = groups
     cache = KVCache(model.cfg, len(first), max_len, device=ids.device, dtype=dtype)
     logits = model(ids[first], pos[first], valid[first], cache, out_from=P - 1)[:, -1]
     return logits[inverse], cache.rows(inverse)

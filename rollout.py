@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import positions_from_valid, prefill
+from model import distinct_rows, positions_from_valid, prefill
 
 
 @dataclass
@@ -101,7 +101,8 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
     B, P = prompt_ids.shape
     device = prompt_ids.device
     pos = positions_from_valid(prompt_valid)
-    logits, cache = prefill(model, prompt_ids, pos, prompt_valid, P + max_new_tokens, share_prompts)
+    groups = distinct_rows(prompt_ids, prompt_valid) if share_prompts else None
+    logits, cache = prefill(model, prompt_ids, pos, prompt_valid, P + max_new_tokens, groups)
     next_pos = pos[:, -1] + 1  # the last prompt column is real in every row (left padding)
     toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)

@@ -53,10 +53,10 @@ def score(teacher, batch, autocast=False, start=1, share_prompts=True):
     P, T = batch.prompt_len, batch.tokens.size(1)
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
         if start == P and share_prompts and P > 1:
-            first, _ = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
-            if len(first) < len(batch.tokens):
+            groups = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
+            if len(groups[0]) < len(batch.tokens):
                 pos = batch.pos
-                last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T)
+                last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T, groups)
                 rest = teacher(batch.tokens[:, P:], pos[:, P:], batch.valid[:, P:], cache)
                 return torch.cat([last[:, None], rest[:, :-1]], 1).float()
         logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=start - 1)
