@@ -22,12 +22,11 @@ What is measured, each the median of --repeats runs after one warm-up:
   rollout      tokens/s of the student's greedy decode with the KV cache (rollout.generate) and with full
                recompute (generate_no_cache below), whether both give the same tokens, the prefill time and
                the time per one-token decode step next to its FLOP floor;
-  distill step seconds per step at lambda = 1 (the student samples at temperature 1 with a seeded
-               torch.Generator, as train.py does) and at lambda = 0 (given completions: random ids, packed
-               with rollout.pack), split into rollout (generate + rollout.pack), teacher scoring
-               (teacher.score), student forward+backward (forward + divergence_loss + backward) and
-               optimizer (clip_grad_norm_ + AdamW step + zero_grad), as in train.py's distill loop but
-               without FSDP and without the logging extras.
+  distill step seconds per call of train.py's own train_step at lambda = 1 (the student samples at
+               temperature 1) and at lambda = 0 (given completions: random ids), split into its parts: rollout
+               (sampling + packing the batch), teacher scoring, student forward + loss + backward, and
+               optimizer (clip + AdamW + zero_grad); the step is the whole call, its metrics included. The
+               models are not sharded (a process group of one, for train_step's all-reduces).
   what bounds  each part of the lambda = 1 step again, its matmul and attention kernels alone (kernel_floor:
                recorded below autograd, replayed back to back on random tensors of the same shapes), so the
                MFU the part would have if its norms, GELU, rotary, copies, sampling and Python were free.
@@ -48,13 +47,13 @@ import time
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import train
 from data.countdown import TOKENIZER_PATH, load_tokenizer
-from losses import divergence_loss
 from model import GPT, GPTConfig, distinct_rows, positions_from_valid, prefill
-from rollout import generate, left_pad, pack, sample_token
-from teacher import score
+from rollout import generate, left_pad, sample_token
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
@@ -309,49 +308,42 @@ def main(argv=None):
                    kv_cache_gflop=f_cache / 1e9, no_cache_gflop=f_full / 1e9,
                    kv_cache_mfu=f_cache / t_cache / (peak * 1e9), no_cache_mfu=f_full / t_full / (peak * 1e9))
 
-    # -- 2. distill steps, lambda = 1 (the student samples) and lambda = 0 (given completions), in turn
-    def distill_step(lmbda, share=True, parts=None):
-        """One step; share: one prefill per distinct prompt (rollout and teacher). parts: a dict to fill
-        with part name -> a function that runs that part again on this step's tensors (for kernel_floor)."""
+    # -- 2. distill steps, lambda = 1 (the student samples) and lambda = 0 (given completions), in turn: train.py's
+    #       own train_step, on the models unsharded in a process group of one
+    targs = train.parse_args(["--stage", "distill", "--loss", args.loss, "--beta", str(args.beta), "--batch-size",
+                              str(B), "--max-new-tokens", str(N), "--lr", "1e-4", "--warmup", "0",
+                              "--seed", str(args.seed), "--out", os.devnull])
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    rows = {1: [train.Row(p, None, True, None) for p in prompts], 0: [train.Row(p, c, False, None)
+                                                                     for p, c in zip(prompts, given)]}
+
+    def run_for(share):
+        return train.Run(targs, tok, tok, False, None, 0, 1, device, pad, no_eos, autocast=bf16, share_prompts=share)
+
+    def distill_step(lmbda, share=True):
+        """One train_step; its parts' seconds, and the step's (the whole call, its metrics included)."""
         sync()
         t0 = time.perf_counter()
-        if lmbda == 1:
-            gen = torch.Generator(device).manual_seed(args.seed)
-            with torch.no_grad(), amp():
-                completions = generate(student, ids, valid, N, no_eos, pad, temperature=1.0,
-                                       generator=gen, share_prompts=share).completions()
-        else:
-            completions = given
-        batch = pack(prompts, completions, pad, device)
-        c = batch.prompt_len  # as train.py: logits only where they predict completion tokens
-        m = batch.mask[:, c:]
-        n_tok = m.sum().item()
+        times = train.train_step(0, rows[lmbda], student, teacher, optimizer, run_for(share))["times"]
         sync()
-        t1 = time.perf_counter()
-        t_logits = score(teacher, batch, bf16, c, share_prompts=share)
-        sync()
-        t2 = time.perf_counter()
+        return dict(times, step=time.perf_counter() - t0), None
+
+    def step_parts(lmbda, share=True):
+        """Each part of a lambda step as a function that runs it again on one step's tensors (for kernel_floor),
+        built from the same functions train_step calls."""
+        run = run_for(share)
+        batch = train.make_batch(0, rows[lmbda], student, teacher, run)
+        n_tok = batch.mask.sum().item()
+        t_logits, _ = train.teacher_scores(teacher, batch, rows[lmbda], 0, run)
 
         def student_part():
-            with amp():
-                s_logits = student(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1].float()
-            divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta).backward()
-        student_part()
-        sync()
-        t3 = time.perf_counter()
-        if parts is not None:
-            def rollout_part():
-                with torch.no_grad(), amp():
-                    generate(student, ids, valid, N, no_eos, pad, temperature=1.0,
-                             generator=torch.Generator(device).manual_seed(args.seed), share_prompts=share)
-            parts.update(rollout=rollout_part, teacher=lambda: score(teacher, batch, bf16, c, share_prompts=share),
-                         student=student_part)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t4 = time.perf_counter()
-        return dict(rollout=t1 - t0, teacher=t2 - t1, student=t3 - t2, optimizer=t4 - t3, step=t4 - t0), None
+            s_logits = train.student_logits(student, batch, batch.prompt_len, run.autocast)
+            train.distill_loss(s_logits, t_logits, batch, None, n_tok, run)[0].backward()
+        return dict(rollout=lambda: train.make_batch(0, rows[lmbda], student, teacher, run),
+                    teacher=lambda: train.teacher_scores(teacher, batch, rows[lmbda], 0, run), student=student_part)
 
     variants = {"l1": (1, True), "l0": (0, True)}  # name -> (lambda, prompts shared)
     if S > 1:  # the same lambda = 1 step with every row prefilled on its own, side by side
@@ -373,8 +365,7 @@ def main(argv=None):
                                  for k, s in times[name].items()}
 
     # -- 3. what bounds the lambda = 1 step: its matmul and attention kernels alone, replayed
-    parts = {}
-    distill_step(1, parts=parts)
+    parts = step_parts(1)
     floor, floor_error = {}, None
     try:  # the replay feeds random tensors to backend kernels; one that wants real contents must not sink the run
         for k, fn in parts.items():
@@ -446,6 +437,8 @@ def main(argv=None):
         student_matmul_params=matmul_params(scfg), teacher_matmul_params=matmul_params(tcfg),
         samples_per_prompt=S, matmul_peak_gflops=peak, rollout=rollout, **steps, kernel_floor_l1=floor,
         peak_mem_mb=mem))))
+    if own_group:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

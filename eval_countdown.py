@@ -17,8 +17,8 @@ import time
 
 import torch
 
+from checkpoint import CheckpointError, load_pretrained, load_tokenizer_for, resolve_checkpoint
 from data.countdown import EOS, PAD, TOKENIZER_PATH, is_well_formed, load_split, prompt_ids, prompt_text, verify
-from model import CheckpointError, load_pretrained, load_tokenizer_for, resolve_checkpoint
 from rollout import generate, left_pad
 
 

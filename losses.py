@@ -8,25 +8,25 @@ rescaling). On each completion token:
     jsd      beta KL(p_T || M) + (1-beta) KL(p_S || M),   M = beta p_T + (1-beta) p_S, beta in (0, 1)
              (the GKD paper's generalized JSD; it tends to 0 at both ends, so beta=0 is not fkl)
     sampled  -exp(log p_S(x) - log p_old(x)) * A,          A = log p_T(x) - log p_old(x), detached
-             the Thinking Machines estimator on the sampled token x: needs only the teacher's logprob of
-             x; its value at p_S = p_old is the per-token reverse-KL estimate, its gradient in expectation
-             is the gradient of KL(p_S || p_T) (see tests/test_losses.py)
+             the Thinking Machines estimator on the sampled token x: on-policy distillation as RL, a
+             policy gradient whose per-token advantage is the teacher's log-ratio (distill_advantage);
+             p_old is the student at sampling time (the rollout's logprobs). It needs only the teacher's
+             logprob of x; its value at p_S = p_old is the per-token reverse-KL estimate, its gradient in
+             expectation is the gradient of KL(p_S || p_T) (see tests/test_losses.py)
 
 One normalisation for every loss: the sum over the completion tokens of the optimizer step divided by
 their count (`n_tokens`, all micro-batches and ranks), never a per-sequence mean.
-
-Across tokenizers (teacher.align_completion cuts a completion into spans where both tokenizations have a
-boundary; both models see the same text before each span):
-
-    span_sampled   the sampled estimator with one advantage per span, A = log p_T(span) - log p_old(span),
-                   on every student token of the span; sequence-level reverse KL exactly
-    hybrid_uld     on spans of one token on each side: a divergence over the shared vocabulary plus ULD
-                   (sorted-probability L1) over the rest (the GOLD hybrid); see hybrid_uld_loss
+Teachers with another tokenizer: crosstok.py.
 """
 import torch
 import torch.nn.functional as F
 
 LOSSES = ("fkl", "rkl", "jsd", "sampled")
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits) at the given tokens: logits [B, T, V], tokens [B, T] -> [B, T] fp32."""
+    return F.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature):
@@ -94,92 +94,21 @@ def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperat
     return total / n_tokens
 
 
-def sampled_token_loss(s_logprobs, old_logprobs, t_logprobs, mask, n_tokens):
-    """The importance-sampled policy-gradient estimator of reverse KL on the sampled tokens.
+def distill_advantage(t_logprobs, old_logprobs):
+    """On-policy distillation as RL: the per-token advantage log p_T(x_t) - log p_old(x_t) (detached), the
+    negative of the sampled reverse-KL estimate. A reward-based advantage would take its place in RL."""
+    return (t_logprobs - old_logprobs).detach()
 
-    s_logprobs: log p_S(x_t) with grad; old_logprobs: at sampling time; t_logprobs: log p_T(x_t)."""
-    adv = (t_logprobs - old_logprobs).detach()
+
+def policy_gradient_loss(s_logprobs, old_logprobs, adv, mask, n_tokens):
+    """-sum_t exp(log p_S(x_t) - log p_old(x_t)) * A_t over masked tokens / n_tokens: the importance-weighted
+    policy gradient (ratio 1 at p_S = p_old, where its gradient is -A_t grad log p_S(x_t))."""
     ratio = torch.exp(s_logprobs - old_logprobs.detach())
     return -(ratio * adv * mask).sum() / n_tokens
 
 
-# ------------------------------------------------------------------------------------- across tokenizers
-
-def span_sum(values, span, n_spans):
-    """Sum of `values` over each span: values [B, T], span [B, T] long (span id, -1 = in no span) ->
-    [B, n_spans]. A scatter_add, so differentiable in `values`; a one-token span is that value exactly."""
-    idx = torch.where(span >= 0, span, n_spans)  # column n_spans collects the rest and is dropped
-    out = values.new_zeros(values.size(0), n_spans + 1).scatter_add(1, idx, values)
-    return out[:, :n_spans]
-
-
-def span_sampled_token_loss(s_logprobs, old_logprobs, t_span_logprobs, s_span, n_tokens, mask=None):
-    """The sampled-token estimator with span advantages.
-
-        A_k   = log p_T(span k) - log p_old(span k)      (detached; span log-probs are sums over its tokens)
-        loss  = -sum_t exp(log p_S(x_t) - log p_old(x_t)) * A_{span(t)} / n_tokens
-
-    s_logprobs [B, T] student token logprobs (with grad), old_logprobs [B, T] at sampling time,
-    t_span_logprobs [B, S] the teacher's span logprobs (teacher.span_logprobs), s_span [B, T] span ids
-    (-1 off the completion), mask [B, T] optional: only these tokens (e.g. ~one_to_one when the one-to-one
-    spans go to hybrid_uld_loss). At p_S = p_old the gradient is sum_k A_k grad log p_S(span k): the
-    sequence-level reverse-KL policy gradient, exact whatever the tokenizations. With identical tokenizers
-    every span is one token and this is sampled_token_loss, bit for bit."""
-    adv = (t_span_logprobs - span_sum(old_logprobs, s_span, t_span_logprobs.size(1))).detach()
-    adv = adv.gather(1, s_span.clamp(min=0))
-    keep = s_span >= 0 if mask is None else mask & (s_span >= 0)
-    ratio = torch.exp(s_logprobs - old_logprobs.detach())
-    return -(ratio * adv * keep).sum() / n_tokens
-
-
-def _uld(s_logits, t_logits, rest_s, rest_t, temperature):
-    """Per position: sum_i |sort(p_S[rest_s])_i - sort(p_T[rest_t])_i|, both sorted descending, the shorter
-    padded with zeros; p = softmax(logits / temperature) over the full vocabulary (not renormalised)."""
-    dt = torch.promote_types(s_logits.dtype, torch.float32)
-    ps = F.softmax(s_logits.to(dt) / temperature, -1)[:, rest_s].sort(-1, descending=True).values
-    pt = F.softmax(t_logits.to(dt) / temperature, -1)[:, rest_t].sort(-1, descending=True).values
-    k = max(ps.size(-1), pt.size(-1))
-    ps, pt = F.pad(ps, (0, k - ps.size(-1))), F.pad(pt, (0, k - pt.size(-1)))
-    return (ps - pt).abs().sum(-1)
-
-
-def hybrid_uld_loss(s_logits, t_logits, shared_s, shared_t, n_tokens, loss="rkl", beta=0.5, temperature=1.0,
-                    uld_weight=1.0, chunk_size=0):
-    """The GOLD hybrid on positions where the two distributions predict the same text (one-to-one spans).
-
-    s_logits [M, V_S], t_logits [M, V_T]: the student's and the teacher's logits at those positions
-    (teacher.CrossBatch.pairs). shared_s, shared_t [K]: ids of the token strings both vocabularies hold
-    (teacher.shared_vocab). Per position:
-
-        D( softmax(s[shared_s] / tau) , softmax(t[shared_t] / tau) )                 shared part
-      + uld_weight * sum_i |sort(p_S on the student-only ids)_i - sort(p_T on the teacher-only ids)_i|
-
-    summed over positions / n_tokens. D is `loss` (rkl = KL(p_S || p_T) by default, or fkl / jsd) with the
-    analytic gradient of divergence_loss. What is implemented and why:
-    - shared part: both distributions are renormalised onto the shared strings (a softmax over the shared
-      logits), so D is a proper divergence, >= 0 and exactly 0 with an exactly-0 gradient when they agree;
-      TRL's GOLD instead applies its JSD to the raw (sub-stochastic) probabilities. Reverse KL by default,
-      the on-policy objective.
-    - ULD part: the Universal Logit Distillation distance (Wasserstein-1 under a uniform cost, which is the
-      L1 between the sorted probability vectors) on the rest, with the full-vocabulary probabilities, so it
-      also carries the mass split the renormalisation drops: it is >= |p_S(student-only) - p_T(teacher-only)|.
-      It ignores which string a probability belongs to; that is its nature (and why the shared part exists).
-    - the weights are fixed (1 and uld_weight), not TRL's vocabulary-overlap adaptive ones.
-    Caveat: a shared string need not mean the same event: "1" for a number-level student is the number 1,
-    for a character-level teacher any number starting with 1.
-    With identical tokenizers (shared = everything, rest empty) this is divergence_loss, bit for bit."""
-    V_S, V_T = s_logits.size(-1), t_logits.size(-1)
-    rest_s = torch.ones(V_S, dtype=torch.bool, device=s_logits.device)
-    rest_t = torch.ones(V_T, dtype=torch.bool, device=t_logits.device)
-    rest_s[shared_s], rest_t[shared_t] = False, False
-    use_uld = uld_weight != 0 and bool(rest_s.any() or rest_t.any())
-    t_logits = t_logits.detach()
-    step = chunk_size if chunk_size > 0 else max(1, s_logits.size(0))
-    total = 0
-    for i in range(0, s_logits.size(0), step):
-        s, t = s_logits[i:i + step], t_logits[i:i + step]
-        part = _Divergence.apply(s[:, shared_s], t[:, shared_t], loss, beta, temperature)
-        if use_uld:
-            part = part + uld_weight * _uld(s, t, rest_s, rest_t, temperature).sum()
-        total = total + part
-    return total / n_tokens
+def sampled_token_loss(s_logprobs, old_logprobs, t_logprobs, mask, n_tokens):
+    """The sampled reverse-KL estimator: s_logprobs log p_S(x_t) with grad, old_logprobs at sampling time,
+    t_logprobs log p_T(x_t)."""
+    return policy_gradient_loss(s_logprobs, old_logprobs, distill_advantage(t_logprobs, old_logprobs), mask,
+                                n_tokens)

@@ -5,13 +5,10 @@ batches work: a token's position is its index among the row's real tokens, the s
 scored whole or decoded one token at a time. An optional preallocated KVCache makes decoding one token
 per step cost one token of compute.
 
-Checkpoints are directories: model.safetensors + config.json (+ tokenizer.json beside them).
+Checkpoint directories (save, load, resume) live in checkpoint.py.
 """
-import json
 import math
-import os
-import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,15 +26,12 @@ class GPTConfig:
     rope_base: float = 10000.0
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or does not match what is asked of it."""
-
-
 class KVCache:
     """Preallocated keys/values for all layers: [n_layer, B, n_head, max_len, head_dim].
 
     `valid[b, s]` says whether slot s of row b holds a real token (False for left padding); `len` is
-    the number of slots filled. Every forward with a cache writes its T tokens at slots len..len+T."""
+    the number of slots filled. A forward of T tokens writes them at slots len..len+T in every layer
+    (`update`, called by attention), then advances len by T."""
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
         hd = cfg.d_model // cfg.n_head
@@ -46,6 +40,14 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.len = 0
+
+    def update(self, layer, k, v):
+        """Write this chunk's keys/values [B, H, T, hd] of `layer` at slots len..len+T; return the layer's
+        keys/values over every filled slot, which the chunk attends to."""
+        s1 = self.len + k.size(2)
+        self.k[layer, :, :, self.len:s1] = k
+        self.v[layer, :, :, self.len:s1] = v
+        return self.k[layer, :, :, :s1], self.v[layer, :, :, :s1]
 
     def rows(self, index):
         """A new cache whose row i is a copy of row index[i] of this one (e.g. one prompt's keys and values
@@ -123,11 +125,8 @@ class Block(nn.Module):
         qkv = self.qkv(self.norm1(x)).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)  # [2, B, H, T, hd]: one rotation for q and k
         v = qkv[2]
-        if cache is not None:  # write this chunk's keys/values, attend over everything filled so far
-            s0, s1 = cache.len, cache.len + T
-            cache.k[layer, :, :, s0:s1] = k
-            cache.v[layer, :, :, s0:s1] = v
-            k, v = cache.k[layer, :, :, :s1], cache.v[layer, :, :, :s1]
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         if out_from:
             q, x = q[:, :, out_from:], x[:, out_from:]
         if mask is None:
@@ -224,106 +223,3 @@ def positions_from_valid(valid):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
-
-# -------------------------------------------------------------------------------------------- save/load
-
-def save_pretrained(state_dict, cfg, path, tokenizer_path=None, extra=None):
-    """Write a checkpoint directory atomically: into path.tmp, then rename over path.
-
-    `state_dict` is a full (unsharded) state dict; `extra` maps file names to objects for torch.save. A kill at any point leaves either the old directory
-    or the new one under `path` (or, between the two renames, the old one at path.old, which
-    load_pretrained falls back to)."""
-    from safetensors.torch import save_file
-    path = os.path.abspath(path)
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()},
-              os.path.join(tmp, "model.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
-    for name, obj in (extra or {}).items():  # e.g. train_state.pt for --resume
-        torch.save(obj, os.path.join(tmp, name))
-    _fsync_dir(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(d):
-    for name in os.listdir(d) if os.path.isdir(d) else []:
-        p = os.path.join(d, name)
-        if os.path.isfile(p):
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def load_config(path):
-    f = os.path.join(path, "config.json")
-    if not os.path.isfile(f):
-        if os.path.isfile(os.path.join(path + ".old", "config.json")):
-            return load_config(path + ".old")
-        raise CheckpointError(f"{path}: not a checkpoint (no config.json)")
-    try:
-        with open(f) as fh:
-            d = json.load(fh)
-        known = {fl.name for fl in fields(GPTConfig)}
-        unknown = set(d) - known
-        if unknown:
-            raise CheckpointError(f"{f}: unknown config keys {sorted(unknown)}")
-        return GPTConfig(**d)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{f}: corrupt config ({e})")
-
-
-def load_pretrained(path, device="cpu"):
-    """Load a checkpoint directory -> GPT (fp32, eval mode). Raises CheckpointError with one line."""
-    from safetensors.torch import load_file
-    path = os.path.abspath(path)
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
-        path = path + ".old"
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    cfg = load_config(path)
-    wf = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(wf):
-        raise CheckpointError(f"{path}: no model.safetensors")
-    try:
-        sd = load_file(wf, device="cpu")
-    except Exception as e:
-        raise CheckpointError(f"{wf}: corrupt weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    model = GPT(cfg)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{wf}: weights do not match config.json ({str(e).splitlines()[0][:200]})")
-    return model.to(device).eval()
-
-
-def resolve_checkpoint(path):
-    """A checkpoint directory, or a run directory whose `latest` file names its newest checkpoint."""
-    if os.path.isfile(os.path.join(path, "config.json")) or os.path.isdir(path.rstrip("/") + ".old"):
-        return path
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, "ckpt", f.read().strip())
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: does not exist")
-    raise CheckpointError(f"{path}: neither a checkpoint (config.json) nor a run directory (latest)")
-
-
-def load_tokenizer_for(path, default_path):
-    """The tokenizer saved with a checkpoint (or the default), checked against the checkpoint's vocab."""
-    from data.countdown import load_tokenizer
-    own = os.path.join(path, "tokenizer.json")
-    tok = load_tokenizer(own if os.path.isfile(own) else default_path)
-    cfg = load_config(path)
-    if tok.get_vocab_size() != cfg.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer vocab {tok.get_vocab_size()} != checkpoint vocab {cfg.vocab_size}")
-    return tok

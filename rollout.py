@@ -4,11 +4,13 @@ A batch is a left-padded block of prompts followed by a completion region:
 
     tokens  [B, P+N]   [pad pad BOS 3 _ 7 ... :][7 * 1 3 = 9 1 , ... EOS pad pad]
     valid   [B, P+N]   real tokens (False on left padding and after the first EOS)
-    mask    [B, P+N]   completion tokens up to and including the first EOS (what losses train)
-    logprob [B, P+N]   log p_student(token) at sampling time on mask positions, 0 elsewhere
+    mask      [B, P+N]   completion tokens up to and including the first EOS (what losses train)
+    logprobs  [B, P+N]   log p_student(token) at sampling time on the mask of on-policy rows, 0 elsewhere
+    on_policy [B]        True for rows the student sampled, False for given ones (ground truth, teacher
+                         samples): metrics and the sampled estimator select rows by it, never by position
 
 Positions come from `valid` (model.positions_from_valid), so a row scores the same at any padding.
-Supervised rows (ground truth, teacher samples) are packed into the same layout by `pack`.
+Rollouts and given completions are packed together into one batch by `pack`.
 """
 from dataclasses import dataclass
 
@@ -25,7 +27,8 @@ class Batch:
     valid: torch.Tensor
     mask: torch.Tensor
     prompt_len: int
-    logprobs: torch.Tensor = None
+    logprobs: torch.Tensor
+    on_policy: torch.Tensor
 
     @property
     def pos(self):
@@ -36,6 +39,13 @@ class Batch:
         out = []
         for row, m in zip(self.tokens[:, self.prompt_len:].tolist(), self.mask[:, self.prompt_len:].tolist()):
             out.append([t for t, keep in zip(row, m) if keep])
+        return out
+
+    def completion_logprobs(self):
+        """The sampling-time logprobs of each row's completion tokens, as lists (aligned with completions)."""
+        out = []
+        for row, m in zip(self.logprobs[:, self.prompt_len:].tolist(), self.mask[:, self.prompt_len:].tolist()):
+            out.append([x for x, keep in zip(row, m) if keep])
         return out
 
 
@@ -50,18 +60,26 @@ def left_pad(seqs, pad_id, device=None):
     return ids.to(device), valid.to(device)
 
 
-def pack(prompts, completions, pad_id, device=None):
-    """Prompts (id lists, left-padded) + given completions (id lists ending in EOS, right-padded)."""
+def pack(prompts, completions, pad_id, device=None, logprobs=None, on_policy=None):
+    """Prompts (id lists, left-padded) + completions (id lists up to and including EOS, right-padded).
+
+    logprobs: per row, the sampling-time logprobs of its completion tokens (a list of floats), or None for
+    a given row; on_policy: per row, whether the student sampled it (default: no row)."""
     ids, pvalid = left_pad(prompts, pad_id)
-    N = max(len(c) for c in completions)
-    comp = torch.full((len(prompts), N), pad_id, dtype=torch.long)
-    cmask = torch.zeros(len(prompts), N, dtype=torch.bool)
+    B, N = len(prompts), max(len(c) for c in completions)
+    comp = torch.full((B, N), pad_id, dtype=torch.long)
+    cmask = torch.zeros(B, N, dtype=torch.bool)
+    lps = torch.zeros(B, ids.size(1) + N)
     for i, c in enumerate(completions):
         comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         cmask[i, :len(c)] = True
+        if logprobs is not None and logprobs[i] is not None:
+            lps[i, ids.size(1):ids.size(1) + len(c)] = torch.tensor(logprobs[i])
     P = ids.size(1)
+    flags = torch.tensor([False] * B if on_policy is None else list(on_policy), dtype=torch.bool)
     return Batch(tokens=torch.cat([ids, comp], 1).to(device), valid=torch.cat([pvalid, cmask], 1).to(device),
-                 mask=torch.cat([torch.zeros_like(pvalid), cmask], 1).to(device), prompt_len=P)
+                 mask=torch.cat([torch.zeros_like(pvalid), cmask], 1).to(device), prompt_len=P,
+                 logprobs=lps.to(device), on_policy=flags.to(device))
 
 
 def sample_token(logits, temperature, top_k=None, generator=None, noise=None):
@@ -138,4 +156,5 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
     toks, lps, live = toks[:, :n], lps[:, :n], live[:, :n]
     return Batch(tokens=torch.cat([prompt_ids, toks], 1), valid=torch.cat([prompt_valid, live], 1),
                  mask=torch.cat([torch.zeros_like(prompt_valid), live], 1), prompt_len=P,
-                 logprobs=torch.cat([torch.zeros(B, P, device=device), lps], 1))
+                 logprobs=torch.cat([torch.zeros(B, P, device=device), lps], 1),
+                 on_policy=torch.ones(B, dtype=torch.bool, device=device))

@@ -11,7 +11,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def make_ckpt(path, seed, n_layer, sharpen=1.0):
     """A tiny random checkpoint (char tokenizer); sharpen > 1 scales the head: a peaked 'teacher'."""
     from data.countdown import TOKENIZER_PATH
-    from model import GPT, GPTConfig, save_pretrained
+    from checkpoint import save_pretrained
+    from model import GPT, GPTConfig
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=23, n_layer=n_layer, n_head=2, d_model=32, d_mlp=64)
     model = GPT(cfg)

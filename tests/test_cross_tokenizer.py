@@ -11,10 +11,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from data.countdown import (BOS, CHARS, EOS, N_NUMBERS, NUM_HI, NUM_MAX, NUM_TOKENIZER_PATH, PAD, UNK,
                             answer_ids, build_num_tokenizer, load_split, load_tokenizer, prompt_ids, prompt_text)
-from losses import (divergence_loss, hybrid_uld_loss, sampled_token_loss, span_sampled_token_loss, span_sum)
+from crosstok import (align_completion, cross_tokenizer_batch, hybrid_uld_loss, shared_vocab, span_logprobs,
+                      span_policy_gradient_loss, span_sum)
+from losses import divergence_loss, sampled_token_loss, token_logprobs
 from model import GPT, GPTConfig
 from rollout import generate, left_pad, pack
-from teacher import align_completion, cross_tokenizer_batch, score, shared_vocab, span_logprobs, token_logprobs
+from teacher import score
 
 CHAR = load_tokenizer()
 NUM = load_tokenizer(NUM_TOKENIZER_PATH)
@@ -130,7 +132,7 @@ def test_span_sampled_gradient_is_the_sequence_level_advantage():
     g = torch.Generator().manual_seed(0)
     s_lp = torch.randn(2, 7, generator=g, dtype=torch.float64).requires_grad_(True)
     t_sp = torch.randn(2, 3, generator=g, dtype=torch.float64)
-    loss = span_sampled_token_loss(s_lp, s_lp.detach(), t_sp, s_span, 9.0)
+    loss = span_policy_gradient_loss(s_lp, s_lp.detach(), t_sp, s_span, 9.0)
     loss.backward()
     old = span_sum(s_lp.detach(), s_span, 3)
     want = torch.where(s_span >= 0, -(t_sp - old).gather(1, s_span.clamp(min=0)) / 9.0, 0.0)
@@ -219,7 +221,7 @@ def test_identical_tokenizers_span_sampled_equals_sampled_token_loss(same_tok_ca
         old = s_lp.detach() + 0.1 * torch.randn(s_lp.shape, generator=torch.Generator().manual_seed(1))
         if cross:
             _, t_sp = span_logprobs(s_lp, token_logprobs(t_logits, cb.teacher.tokens[:, 1:]), cb)
-            loss = span_sampled_token_loss(s_lp, old, t_sp, cb.s_span, n)
+            loss = span_policy_gradient_loss(s_lp, old, t_sp, cb.s_span, n)
         else:
             loss = sampled_token_loss(s_lp, old, t_lp, m, n)
         loss.backward()
@@ -342,7 +344,7 @@ def _steps_lower_rkl(student, teacher, probs):
         batch, cb, t_lp = _cross_rollout(student, teacher, probs, step)
         s_lp = token_logprobs(student(batch.tokens, batch.pos, batch.valid)[:, :-1], batch.tokens[:, 1:])
         _, t_sp = span_logprobs(s_lp, t_lp, cb)
-        loss = span_sampled_token_loss(s_lp, s_lp.detach(), t_sp, cb.s_span, float(batch.mask.sum()))
+        loss = span_policy_gradient_loss(s_lp, s_lp.detach(), t_sp, cb.s_span, float(batch.mask.sum()))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_ckpt
-from model import load_pretrained
+from checkpoint import load_pretrained
 
 # a teacher with sharp distributions and a different student; lambda 0.5 with seq-KD exercises both
 # samplers (student and teacher) and both halves of the batch
@@ -53,7 +53,8 @@ def final_weights(out, step):
     return load_file(os.path.join(out, "ckpt", f"step_{step:06d}", "model.safetensors"))
 
 
-@pytest.mark.parametrize("loss,extra", [("jsd", []), ("sampled", []), ("jsd", ["--samples-per-prompt", "2"])])
+@pytest.mark.parametrize("loss,extra", [("jsd", []), ("sampled", ["--lmbda", "1"]),
+                                        ("jsd", ["--samples-per-prompt", "2"])])
 def test_two_processes_compute_what_one_does(ckpts, tmp_path, loss, extra):
     """With 2 samples per prompt, one process prefills each prompt once for its two rows (rollout and
     teacher); each of 2 processes holds one row of every prompt (rows r::2) and shares nothing."""
@@ -64,7 +65,8 @@ def test_two_processes_compute_what_one_does(ckpts, tmp_path, loss, extra):
         run(train_cmd(n), "--teacher", teacher, "--student", student, "--out", outs[n], "--steps", "4",
             "--loss", loss, *DISTILL, *extra)
     one, two = losses(outs[1]), losses(outs[2])
-    assert [r[0] for r in one] == [1, 2, 3, 4] and [r[2] for r in two] == [0.5] * 4
+    lmbda = float(extra[extra.index("--lmbda") + 1]) if "--lmbda" in extra else 0.5
+    assert [r[0] for r in one] == [1, 2, 3, 4] and [r[2] for r in two] == [lmbda] * 4
     # same samples, loss, per-token reverse KL and gradient norm (the gradient's scale: Adam would hide a
     # wrongly normalised gradient from the weights), up to fp32 reduction order
     for a, b in zip(one, two):

@@ -76,7 +76,7 @@ def test_resume_continues_bit_exactly(sft_run, tmp_path):
 
 
 def one_line_error(r):
-    assert r.returncode != 0
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert lines and "error" in lines[-1], r.stderr
     return lines[-1]
@@ -97,7 +97,21 @@ def test_train_bad_input_destroys_nothing(sft_run, tmp_path):
     blocker.write_text("")
     assert "cannot write" in one_line_error(run("train.py", "--stage", "sft", "--out", str(blocker / "run"), *TINY,
                                                 check=False))
-    assert snapshot(out) == before
+    for flag in ("--lr", "--lmbda", "--beta", "--temperature"):
+        assert "finite" in one_line_error(run("train.py", "--out", str(tmp_path / "x"), flag, "nan", check=False))
+    assert "whole number" in one_line_error(run("train.py", "--out", str(tmp_path / "x"), "--lmbda", "0.3",
+                                                check=False))
+    assert "--lmbda 1" in one_line_error(run("train.py", "--out", str(tmp_path / "x"), "--loss", "sampled",
+                                             "--lmbda", "0.5", check=False))
+    cut = tmp_path / "cut"  # a student whose weights file was cut short: found before any process group starts
+    shutil.copytree(os.path.join(out, "ckpt", "step_000040"), cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    for stage in ("sft", "distill"):
+        assert "corrupt weights" in one_line_error(run("train.py", "--stage", stage, "--student", str(cut), "--out",
+                                                       str(tmp_path / f"cut-{stage}"), check=False))
+        assert not os.path.exists(tmp_path / f"cut-{stage}")
+    assert snapshot(out) == before and not os.path.exists(tmp_path / "x")
 
 
 def test_eval_bad_checkpoints(sft_run, tmp_path):
