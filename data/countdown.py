@@ -10,18 +10,23 @@ Text format (one problem):
 Rules: results of each step are positive integers; division must be exact. The last step's result is the
 target, and every given number (and every intermediate result) is used exactly once.
 
+Chat format (real chat models, see chat_prompt_text): the answer is one expression with parentheses inside
+<answer></answer>, e.g. "<answer>(7*13)-3</answer>", checked by verify_chat with exact fractions.
+
     python -m data.countdown            # writes data/tokenizer.json and data/tokenizer_num.json, prints
                                         # split sizes and examples
 """
 import hashlib
 import json
+import operator
 import os
 import random
 import re
 from collections import Counter
+from fractions import Fraction
 from functools import lru_cache
 
-# The setting (see README: "The Countdown setting"). Changing these changes every split and checkpoint.
+# The setting (see docs/countdown.md). Changing these changes every split and checkpoint.
 N_NUMBERS = 3
 NUM_LO, NUM_HI = 1, 20
 MAX_TARGET = 100
@@ -160,6 +165,193 @@ def is_well_formed(answer_text, n_numbers=N_NUMBERS):
         return False
     parts = answer_text.strip().split(",")
     return len(parts) == n_numbers - 1 and all(_STEP_RE.fullmatch(p) for p in parts)
+
+# ------------------------------------------------------------------------------------ chat answer format
+# Real chat models answer with one expression inside <answer></answer>. It is checked by a hand-written
+# tokenizer and recursive-descent parser with exact Fractions: never eval/ast/compile (model output).
+
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+MAX_EXPR_CHARS = 256
+MAX_EXPR_DEPTH = 32  # parenthesis nesting; bounds the parser's recursion (3 frames per level)
+_ASCII_DIGITS = frozenset("0123456789")
+# Numbers above NUM_HI, so an example is never a problem of the splits; the second one serves if a caller
+# asks about the first one's numbers.
+_CHAT_EXAMPLES = (((2, 3, 25), 81, "(25+2)*3"), ((2, 9, 30), 42, "(30-9)*2"))
+
+
+def chat_prompt_text(numbers, target):
+    """The user message asking a chat model for the answer as one expression inside <answer></answer>."""
+    ex_nums, ex_target, ex_expr = _CHAT_EXAMPLES[0]
+    if sorted(numbers) == sorted(ex_nums):
+        ex_nums, ex_target, ex_expr = _CHAT_EXAMPLES[1]
+    listed = ", ".join(str(n) for n in numbers)
+    ex_listed = ", ".join(str(n) for n in ex_nums)
+    return (f"Using the numbers {listed}, make {target}. "
+            "Use each number exactly once. You may use only + - * / and parentheses. "
+            f"Write the final answer as one expression inside {ANSWER_OPEN}{ANSWER_CLOSE}, "
+            "without '=' or the result. "
+            f"For example, for the numbers {ex_listed} and the target {ex_target}: "
+            f"{ANSWER_OPEN}{ex_expr}{ANSWER_CLOSE}")
+
+
+def extract_answer(text):
+    """The content of the last <answer>...</answer>, surrounding whitespace stripped; None without one.
+
+    The last opening tag decides: if it is never closed (a truncated final answer), the result is None,
+    not an earlier answer. Plain substring search: linear in the length of the text."""
+    try:
+        if not isinstance(text, str):
+            return None
+        start = text.rfind(ANSWER_OPEN)
+        if start < 0:
+            return None
+        start += len(ANSWER_OPEN)
+        end = text.find(ANSWER_CLOSE, start)
+        if end < 0:
+            return None
+        return str(text[start:end]).strip()
+    except Exception:  # defensive: called on arbitrary model output
+        return None
+
+
+def _expr_tokens(expr):
+    """Tokens of an expression (ints, and '+', '-', '*', '/', '(', ')'), or None if a character is outside
+    the alphabet (ASCII digits, those six, space), a literal has a leading zero, or the parentheses are
+    unbalanced or nested deeper than MAX_EXPR_DEPTH."""
+    tokens, depth, i, n = [], 0, 0, len(expr)
+    while i < n:
+        ch = expr[i]
+        if ch in _ASCII_DIGITS:
+            j = i + 1
+            while j < n and expr[j] in _ASCII_DIGITS:
+                j += 1
+            if expr[i] == "0" and j - i > 1:
+                return None  # "07": a literal must be written as the number itself
+            tokens.append(int(expr[i:j]))
+            i = j
+            continue
+        if ch == "(":
+            depth += 1
+            if depth > MAX_EXPR_DEPTH:
+                return None
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif ch not in ("+", "-", "*", "/", " "):
+            return None
+        if ch != " ":
+            tokens.append(ch)
+        i += 1
+    return tokens if depth == 0 else None
+
+
+def _eval_tokens(tokens):
+    """Exact value of a token list: expr := term (('+'|'-') term)*, term := factor (('*'|'/') factor)*,
+    factor := integer | '(' expr ')'. Left-associative. Raises ValueError (or ZeroDivisionError)."""
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def expr():
+        nonlocal pos
+        value = term()
+        while peek() in ("+", "-"):
+            op = tokens[pos]
+            pos += 1
+            rhs = term()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def term():
+        nonlocal pos
+        value = factor()
+        while peek() in ("*", "/"):
+            op = tokens[pos]
+            pos += 1
+            rhs = factor()
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def factor():
+        nonlocal pos
+        tok = peek()
+        if type(tok) is int:
+            pos += 1
+            return Fraction(tok)
+        if tok == "(":
+            pos += 1
+            value = expr()
+            if peek() != ")":
+                raise ValueError("expected ')'")
+            pos += 1
+            return value
+        raise ValueError(f"unexpected token {tok!r}")  # includes a leading '+'/'-': no unary operators
+
+    value = expr()
+    if pos != len(tokens):
+        raise ValueError("trailing tokens")
+    return value
+
+
+def verify_expression(numbers, target, expr):
+    """True iff `expr` is one arithmetic expression over + - * / and parentheses whose integer literals are
+    exactly the given numbers (each used once) and whose exact (rational) value is `target`.
+
+    Never raises and never evaluates code; bounded work for any input (length, nesting and the literal
+    check come before any arithmetic)."""
+    try:
+        if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS or not isinstance(target, int):
+            return False
+        tokens = _expr_tokens(expr)
+        if tokens is None:
+            return False
+        literals = Counter(t for t in tokens if type(t) is int)
+        if literals != Counter(operator.index(n) for n in numbers):
+            return False  # a number reused, missing, or not given
+        return bool(_eval_tokens(tokens) == target)
+    except Exception:  # malformed expression, division by zero, odd arguments: all just wrong
+        return False
+
+
+def verify_chat(numbers, target, completion_text):
+    """True iff the completion's last <answer>...</answer> holds a correct expression (verify_expression)."""
+    answer = extract_answer(completion_text)
+    return answer is not None and verify_expression(numbers, target, answer)
+
+
+def steps_to_expression(steps_text):
+    """One parenthesised expression with the numbers and value of a step list: `13*2=26,26-14=12` ->
+    `(13*2)-14`. Raises ValueError if the text is not a correct step list.
+
+    Results are tracked per step, not by value: an operand is the result of an earlier, still unused step
+    when one has that value, else a given number. Taking a free result whenever there is one uses up every
+    non-final result, so the literals left are exactly the given numbers, even when a result equals one."""
+    if not isinstance(steps_text, str) or len(steps_text) > MAX_ANSWER_CHARS:
+        raise ValueError(f"not a step list: {repr(steps_text)[:40]}")
+    unused = []  # (value, expression) of earlier steps' results not yet used, in step order
+    for part in steps_text.strip().split(","):
+        m = _STEP_RE.fullmatch(part)
+        if m is None:
+            raise ValueError(f"not a step: {part[:40]!r}")
+        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        r = apply_op(a, op, b)
+        if r is None or r <= 0 or r != c:
+            raise ValueError(f"wrong step: {part!r}")
+        operands = []
+        for x in (a, b):
+            k = next((i for i in range(len(unused) - 1, -1, -1) if unused[i][0] == x), None)
+            operands.append(str(x) if k is None else f"({unused.pop(k)[1]})")
+        unused.append((c, f"{operands[0]}{op}{operands[1]}"))
+    if len(unused) != 1:
+        raise ValueError("a step's result is never used")
+    return unused[0][1]
+
+
+def format_expression_answer(expr):
+    """The completion text of a supervised chat row: the expression inside the answer tags."""
+    return f"{ANSWER_OPEN}{expr}{ANSWER_CLOSE}"
 
 # -------------------------------------------------------------------------------------- universe/splits
 
