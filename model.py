@@ -1,4 +1,9 @@
-"""A small GPT: RMSNorm, rotary positions, causal attention (scaled_dot_product_attention), GELU MLP.
+"""The decoder: RMSNorm, rotary positions, causal attention (scaled_dot_product_attention), an MLP.
+
+One class covers this codebase's own small GPT (GELU MLP, fused untied weights) and the Hugging Face
+decoder families through config switches: Llama (SwiGLU, grouped-query attention, llama3 RoPE scaling,
+tied or untied embeddings), Qwen2 (q/k/v biases) and Qwen3 (RMSNorm on q and k per head). SmolLM2 is a
+Llama. checkpoint.py maps the Hugging Face tensor names and config keys onto these.
 
 One `forward` serves training, teacher scoring and decoding. Positions are explicit, so left-padded
 batches work: a token's position is its index among the row's real tokens, the same whether the row is
@@ -24,18 +29,37 @@ class GPTConfig:
     d_mlp: int = 512
     max_seq_len: int = 64
     rope_base: float = 10000.0
+    # The switches for the Hugging Face families; the defaults are this codebase's own GPT.
+    arch: str = "gpt"            # "gpt", or the checkpoint's model_type: "llama", "qwen2", "qwen3"
+    n_kv_head: int = 0           # key/value heads (grouped-query attention); 0 = n_head
+    head_dim: int = 0            # 0 = d_model // n_head (Qwen3 sets it independently)
+    mlp: str = "gelu"            # "gelu": fc_out(gelu(fc x)); "swiglu": fc_out(silu(gate x) * up x)
+    qkv_bias: bool = False       # Qwen2
+    qk_norm: bool = False        # Qwen3: RMSNorm over each head of q and k, before RoPE
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    rope_scaling: dict = None    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+                                 #  "original_max_position_embeddings"}
+    hf_config: dict = None       # a Hugging Face checkpoint's config.json, written back on save
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hd(self):
+        return self.head_dim or self.d_model // self.n_head
 
 
 class KVCache:
-    """Preallocated keys/values for all layers: [n_layer, B, n_head, max_len, head_dim].
+    """Preallocated keys/values for all layers: [n_layer, B, kv_heads, max_len, head_dim].
 
     `valid[b, s]` says whether slot s of row b holds a real token (False for left padding); `len` is
     the number of slots filled. A forward of T tokens writes them at slots len..len+T in every layer
     (`update`, called by attention), then advances len by T."""
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
-        hd = cfg.d_model // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hd)
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -90,18 +114,35 @@ def rms_norm(x, weight, eps=1e-6):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d, eps=1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
 
     def forward(self, x):
-        return rms_norm(x, self.weight)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(cfg):
+    """The rotation frequency of each pair of head dimensions; llama3 scaling divides the low frequencies
+    by `factor` and blends smoothly between the two wavelength thresholds."""
+    hd = cfg.hd
+    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the two halves of each head: [x1 cos - x2 sin, x1 sin + x2 cos], for q and k together.
+    """Rotate the two halves of each head: [x1 cos - x2 sin, x1 sin + x2 cos] (the rotate-half form).
 
-    x: [..., hd] (q and k stacked); cos: [..., hd] = [cos, cos]; sin: [..., hd] = [-sin, sin], so the
+    x: [..., hd]; cos: [..., hd] = [cos, cos]; sin: [..., hd] = [-sin, sin], so the
     rotation is x * cos + [x2, x1] * sin: four ops instead of seven per tensor, the same floats
     (x1 * -s equals -(x1 * s) and a + -b equals a - b exactly; tested against the two-half form)."""
     h = x.size(-1) // 2
@@ -109,58 +150,78 @@ def apply_rope(x, cos, sin):
 
 
 class Block(nn.Module):
+    """Pre-norm attention + MLP. q, k and v come from one fused projection (q rows, then k, then v), the
+    SwiGLU gate and up projections from one fused `fc` (gate rows, then up)."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.norm1 = RMSNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.norm2 = RMSNorm(cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.n_head, self.n_kv, self.hd, self.swiglu = cfg.n_head, cfg.kv_heads, cfg.hd, cfg.mlp == "swiglu"
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
+        self.proj = nn.Linear(cfg.n_head * self.hd, cfg.d_model, bias=False)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.fc = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_mlp, bias=False)
         self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, out_from=0):
         """out_from > 0: return only columns out_from.. (keys and values still come from every column)."""
-        B, T, D = x.shape
-        qkv = self.qkv(self.norm1(x)).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(qkv[:2], cos, sin)  # [2, B, H, T, hd]: one rotation for q and k
-        v = qkv[2]
+        B, T, _ = x.shape
+        H, KV, hd = self.n_head, self.n_kv, self.hd
+        qkv = self.qkv(self.norm1(x)).split([H * hd, KV * hd, KV * hd], -1)
+        q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in qkv)  # [B, heads, T, hd]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if out_from:
             q, x = q[:, :, out_from:], x[:, out_from:]
+        gqa = {"enable_gqa": True} if KV != H else {}
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T - out_from, D))
-        return x + self.fc_out(F.gelu(self.fc(self.norm2(x))))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T - out_from, H * hd))
+        h = self.fc(self.norm2(x))
+        if self.swiglu:
+            gate, up = h.chunk(2, -1)
+            return x + self.fc_out(F.silu(gate) * up)
+        return x + self.fc_out(F.gelu(h))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        assert cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0
+        assert cfg.hd % 2 == 0 and cfg.n_head % cfg.kv_heads == 0
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        hd = cfg.d_model // cfg.n_head
-        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
-        # full head width, sign folded into sin: see apply_rope
-        self.register_buffer("rope_cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)
-        self.register_buffer("rope_sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def reset_parameters(self):
         for name, p in self.named_parameters():
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+            if name.endswith("norm.weight") or name.endswith(("norm1.weight", "norm2.weight")):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             else:
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("proj.weight", "fc_out.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
+
+    def rope(self, pos, dtype):
+        """cos and sin [B, 1, T, hd] at positions pos [B, T], full head width with the sign folded into sin
+        (see apply_rope); computed in fp32 from the positions, so any context length works."""
+        angles = pos.to(torch.float32)[..., None] * self.inv_freq
+        cos, sin = angles.cos(), angles.sin()
+        return (torch.cat([cos, cos], -1).unsqueeze(1).to(dtype),
+                torch.cat([-sin, sin], -1).unsqueeze(1).to(dtype))
 
     def forward(self, idx, pos=None, valid=None, cache=None, out_from=0):
         """Logits [B, T - out_from, V] for tokens idx [B, T].
@@ -178,9 +239,7 @@ class GPT(nn.Module):
             raise ValueError(f"out_from {out_from} must be in [0, {T})")
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        dtype = self.head.weight.dtype
-        cos = self.rope_cos[pos].unsqueeze(1).to(dtype)  # [B, 1, T, hd]
-        sin = self.rope_sin[pos].unsqueeze(1).to(dtype)
+        cos, sin = self.rope(pos, self.head.weight.dtype)
         mask = last_mask = None  # None = plain causal
         if cache is not None:
             s0, s1 = cache.len, cache.len + T
