@@ -175,8 +175,10 @@ def save_pretrained(state_dict, cfg, path, tokenizer_path=None, extra=None, side
               os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg) if hf else asdict(cfg), f, indent=1)
-    for src in ([tokenizer_path] if tokenizer_path else []) + list(side_files):
+    for src in side_files:
         shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
     for name, obj in (extra or {}).items():  # e.g. train_state.pt for --resume
         torch.save(obj, os.path.join(tmp, name))
     _fsync_dir(tmp)

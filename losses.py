@@ -24,9 +24,45 @@ import torch.nn.functional as F
 LOSSES = ("fkl", "rkl", "jsd", "sampled")
 
 
-def token_logprobs(logits, tokens):
-    """log softmax(logits) at the given tokens: logits [B, T, V], tokens [B, T] -> [B, T] fp32."""
-    return F.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+CHUNK_ELEMENTS = 2 ** 24  # positions x vocabulary per chunk by default: 64 MB of fp32 temporaries
+
+
+def chunk_rows(chunk_size, vocab):
+    """Positions per chunk: chunk_size, or (0) as many as fit CHUNK_ELEMENTS (with a 23-token vocabulary
+    every batch is one chunk; with 152k, about 110 positions)."""
+    return chunk_size if chunk_size > 0 else max(1, CHUNK_ELEMENTS // vocab)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits)[token] per position, a block of rows of the batch at a time; backward recomputes
+    each block's softmax, so no [positions, V] log-softmax is kept (only the logits, alive anyway)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, chunk_size):
+        x, tok = logits.detach(), tokens.unsqueeze(-1)
+        out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+        k = max(1, chunk_rows(chunk_size, x.size(-1)) // max(1, tokens[0].numel()))  # batch rows per block
+        for i in range(0, x.size(0), k):
+            out[i:i + k] = F.log_softmax(x[i:i + k].float(), -1).gather(-1, tok[i:i + k]).squeeze(-1)
+        ctx.save_for_backward(logits, tokens)
+        ctx.k = k
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens = ctx.saved_tensors
+        x, tok, g, k = logits.detach(), tokens.unsqueeze(-1), grad_out.unsqueeze(-1), ctx.k
+        grad = torch.empty_like(x)
+        for i in range(0, x.size(0), k):  # d/dx log softmax(x)[t] = onehot(t) - softmax(x)
+            gi = -F.softmax(x[i:i + k].float(), -1) * g[i:i + k]
+            grad[i:i + k] = gi.scatter_add_(-1, tok[i:i + k], g[i:i + k]).to(grad.dtype)
+        return grad, None, None
+
+
+def token_logprobs(logits, tokens, chunk_size=0):
+    """log softmax(logits) at the given tokens: logits [B, T, V], tokens [B, T] -> [B, T] fp32,
+    differentiable in logits, computed a chunk of positions at a time (see chunk_rows)."""
+    return _TokenLogprobs.apply(logits, tokens, chunk_size)
 
 
 def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature):
@@ -76,22 +112,55 @@ class _Divergence(torch.autograd.Function):
         return grad * grad_out, None, None, None, None
 
 
+class _MaskedDivergence(torch.autograd.Function):
+    """Sum of the divergence over the positions `rows` of the flattened logits, a chunk of positions at a
+    time; backward recomputes each chunk's analytic gradient into the student logits' gradient, so no
+    [positions, V] copy or gradient is kept between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, where, loss, beta, temperature, step):
+        s, t = s_logits.detach(), t_logits.detach()
+        total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
+        for i in range(0, where.size(0), step):
+            r = tuple(where[i:i + step].unbind(1))  # the chunk's positions, in row-major order
+            total = total + _divergence_and_grad(s[r], t[r], loss, beta, temperature)[0].sum()
+        ctx.save_for_backward(s_logits, t_logits, where)
+        ctx.args = loss, beta, temperature, step
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s_logits, t_logits, where = ctx.saved_tensors
+        loss, beta, temperature, step = ctx.args
+        s, t = s_logits.detach(), t_logits.detach()
+        grad = torch.zeros_like(s)
+        for i in range(0, where.size(0), step):
+            r = tuple(where[i:i + step].unbind(1))
+            grad[r] = _divergence_and_grad(s[r], t[r], loss, beta, temperature)[1].to(grad.dtype) * grad_out
+        return grad, None, None, None, None, None, None
+
+
 def per_token_divergence(s_logits, t_logits, loss, beta=0.5, temperature=1.0):
     """[N, V] student and teacher logits -> [N] divergence per position (no gradient)."""
     return _divergence_and_grad(s_logits.detach(), t_logits.detach(), loss, beta, temperature)[0]
 
 
+def divergence_sum(s_logits, t_logits, mask, loss, beta=0.5, temperature=1.0, chunk_size=0):
+    """Sum over masked positions of the per-position divergence, no gradient, a chunk at a time (for
+    metrics such as the student's reverse KL on its own samples)."""
+    with torch.no_grad():
+        return _MaskedDivergence.apply(s_logits, t_logits, mask.nonzero(), loss, beta, temperature,
+                                       chunk_rows(chunk_size, s_logits.size(-1)))
+
+
 def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0):
     """Sum of the per-token divergence over masked positions / n_tokens, differentiable in s_logits.
 
-    s_logits, t_logits: [..., V]; mask: [...] bool. Only the masked positions are computed. With
-    chunk_size > 0 the positions go through in chunks, so the softmax intermediates of only one chunk
-    are alive at a time (what is kept for backward is one [N, V] gradient)."""
-    s, t = s_logits[mask], t_logits[mask]
-    step = chunk_size if chunk_size > 0 else max(1, s.size(0))
-    total = sum(_Divergence.apply(s[i:i + step], t[i:i + step], loss, beta, temperature)
-                for i in range(0, s.size(0), step))
-    return total / n_tokens
+    s_logits, t_logits: [..., V]; mask: [...] bool. Only the masked positions are computed, a chunk of
+    positions at a time (chunk_size, or 0: see chunk_rows), so the softmax intermediates of one chunk are
+    alive at a time and nothing of size [positions, V] is kept for backward."""
+    step = chunk_rows(chunk_size, s_logits.size(-1))
+    return _MaskedDivergence.apply(s_logits, t_logits, mask.nonzero(), loss, beta, temperature, step) / n_tokens
 
 
 def distill_advantage(t_logprobs, old_logprobs):

@@ -282,3 +282,17 @@ def positions_from_valid(valid):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def keep_layers(model, layers):
+    """A new model made of the given blocks of `model` (e.g. every third: a student initialised from its
+    teacher), with the same embedding, final norm and head."""
+    import copy
+    from dataclasses import replace
+    cfg = replace(model.cfg, n_layer=len(layers))
+    new = GPT(cfg)
+    new.embed, new.norm, new.head = copy.deepcopy(model.embed), copy.deepcopy(model.norm), copy.deepcopy(model.head)
+    if cfg.tie_embeddings:
+        new.head.weight = new.embed.weight
+    new.blocks = nn.ModuleList(copy.deepcopy(model.blocks[i]) for i in layers)
+    return new

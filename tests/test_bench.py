@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from bench import (KernelRecorder, flops_forward, flops_generate, flops_no_cache, generate_no_cache, kernel_floor,
                    matmul_params)
-from model import GPT, GPTConfig
+from conftest import ROOT, tiny_model
 from rollout import generate, left_pad
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = dict(d_mlp=96, max_seq_len=32)  # the models here: MLP 3x the width, a context of 32
+WIDE = BENCH | dict(d_model=64, n_head=4, d_mlp=128)  # width 64, 4 heads
 
 
 class Counter:
@@ -48,15 +49,8 @@ class Counter:
         return self.linear + self.attention
 
 
-def tiny(**kw):
-    torch.manual_seed(0)
-    cfg = GPTConfig(**({"vocab_size": 23, "n_layer": 2, "n_head": 2, "d_model": 32, "d_mlp": 96,
-                        "max_seq_len": 32} | kw))
-    return GPT(cfg).eval()
-
-
 def test_matmul_params_are_the_linear_weights():
-    model = tiny()
+    model = tiny_model(**BENCH).eval()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     assert matmul_params(model.cfg) == linear
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed"))
@@ -66,7 +60,7 @@ def test_matmul_params_are_the_linear_weights():
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (2, 16)])
 @torch.no_grad()
 def test_forward_flops_match_counted(monkeypatch, B, T):
-    model = tiny()
+    model = tiny_model(**BENCH).eval()
     c = Counter(model, monkeypatch)
     model(torch.randint(4, 23, (B, T)))
     assert c.linear == 2 * matmul_params(model.cfg) * B * T  # the formula's matmul part
@@ -77,7 +71,7 @@ def test_forward_flops_match_counted(monkeypatch, B, T):
 @torch.no_grad()
 def test_forward_flops_with_out_from_match_counted(monkeypatch, B, T, out_from):
     """Logits for the last columns only: the last block's queries, proj, MLP and the head skip the rest."""
-    model = tiny()
+    model = tiny_model(**BENCH).eval()
     c = Counter(model, monkeypatch)
     model(torch.randint(4, 23, (B, T)), out_from=out_from)
     assert c.total == flops_forward(model.cfg, B, T, n_out=T - out_from) < flops_forward(model.cfg, B, T)
@@ -86,7 +80,7 @@ def test_forward_flops_with_out_from_match_counted(monkeypatch, B, T, out_from):
 @torch.no_grad()
 def test_rollout_flops_match_counted(monkeypatch):
     """The cached decode (prefill + one-token steps over the filled cache) and the full-recompute decode."""
-    model = tiny(d_model=64, n_head=4, d_mlp=128)
+    model = tiny_model(**WIDE).eval()
     B, P, N = 3, 6, 5
     ids, valid = left_pad([[1] + torch.randint(4, 23, (P - 1,)).tolist() for _ in range(B)], 0)
     c = Counter(model, monkeypatch)
@@ -100,7 +94,7 @@ def test_rollout_flops_match_counted(monkeypatch):
 def test_kernel_recorder_sees_every_matmul_and_attention_call():
     """A forward runs 4 linears per block + the head, and one attention per block; a backward runs two
     matmuls per linear (input and weight gradients) and one attention backward per block."""
-    model = tiny()
+    model = tiny_model(**BENCH).eval()
     L = model.cfg.n_layer
     x = torch.randint(4, 23, (2, 9))
     rec = KernelRecorder()
@@ -159,7 +153,7 @@ def test_shared_prompt_teacher_flops_match_counted(monkeypatch):
     then the completions of all B rows over their cached prompt: the count bench.py uses."""
     from rollout import pack
     from teacher import score
-    model = tiny(d_model=64, n_head=4, d_mlp=128)
+    model = tiny_model(**WIDE).eval()
     B, K, P, N = 6, 2, 5, 4
     distinct = [[1] + torch.randint(4, 23, (P - 1,)).tolist() for _ in range(K)]
     b = pack([p for p in distinct for _ in range(B // K)], [torch.randint(4, 23, (N,)).tolist() for _ in range(B)], 0)
@@ -186,7 +180,7 @@ def test_a_failing_kernel_replay_leaves_the_timings(monkeypatch, capsys):
 
 @torch.no_grad()
 def test_shared_prompt_rollout_flops_match_counted(monkeypatch):
-    model = tiny(d_model=64, n_head=4, d_mlp=128)
+    model = tiny_model(**WIDE).eval()
     B, K, P, N = 6, 3, 5, 4
     distinct = [[1] + torch.randint(4, 23, (P - 1,)).tolist() for _ in range(K)]
     ids, valid = left_pad([p for p in distinct for _ in range(B // K)], 0)

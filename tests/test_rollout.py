@@ -1,22 +1,13 @@
-"""The KV cache and the sampler against naive references on tiny random models (CPU, fp32)."""
+"""rollout.py on tiny random models (CPU, fp32): the KV-cached sampler against naive references (greedy
+decode recomputing the whole sequence, full recompute fed the same Gumbel noise, the exact tempered
+softmax), the batch layout and masks, and the shared-prompt prefill against prefilling every row."""
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, positions_from_valid
+from conftest import random_prompts, spp_prompts, tiny_model
 from rollout import generate, left_pad, pack
 
 EOS, PAD = 2, 0
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = GPTConfig(**({"vocab_size": 23, "n_layer": 2, "n_head": 2, "d_model": 32, "d_mlp": 64, "max_seq_len": 48} | kw))
-    return GPT(cfg).eval()
-
-
-def prompts(seed=0, lengths=(3, 7, 5, 1, 9)):
-    g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(4, 23, (n,), generator=g).tolist() for n in lengths]
 
 
 def naive_greedy(model, prompt, n):
@@ -32,8 +23,8 @@ def naive_greedy(model, prompt, n):
 
 @torch.no_grad()
 def test_cached_greedy_equals_naive_decode():
-    model = tiny()
-    ps = prompts()
+    model = tiny_model().eval()
+    ps = random_prompts()
     ids, valid = left_pad(ps, PAD)
     batch = generate(model, ids, valid, 12, EOS, PAD, temperature=0.0)
     for i, p in enumerate(ps):
@@ -45,11 +36,11 @@ def test_cached_sampling_equals_full_recompute_with_the_same_noise():
     """Temperature 1, rows stopping at different steps, prompts repeated (a shared prefill): the cached
     rollout samples the tokens a loop that recomputes every row from scratch samples from the same
     uniform draws (one [B, V] block per step, Gumbel-max)."""
-    model = tiny(5)
+    model = tiny_model(5).eval()
     for p in model.parameters():  # a freshly initialised model is nearly uniform: the noise alone would
         p.mul_(4.0)               # decide the samples, whatever the cache held; sharpen it
     model.head.weight[EOS] += 0.3 * model.head.weight.std() * torch.randn_like(model.head.weight[EOS]).sign()
-    ps = [p for p in prompts(5, lengths=(2, 6, 4)) for _ in range(2)] + prompts(6, lengths=(8,))
+    ps = [p for p in random_prompts(5, lengths=(2, 6, 4)) for _ in range(2)] + random_prompts(6, lengths=(8,))
     ids, valid = left_pad(ps, PAD)
     B, N, V = len(ps), 12, model.cfg.vocab_size
     b = generate(model, ids, valid, N, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(3))
@@ -69,34 +60,9 @@ def test_cached_sampling_equals_full_recompute_with_the_same_noise():
 
 
 @torch.no_grad()
-def test_cached_logits_match_full_forward_with_left_padding():
-    model = tiny(1)
-    ps = prompts(1)
-    ids, valid = left_pad(ps, PAD)
-    B, P = ids.shape
-    g = torch.Generator().manual_seed(0)
-    cont = torch.randint(4, 23, (B, 6), generator=g)
-    # cached: prefill, then feed the continuation one token at a time
-    cache = KVCache(model.cfg, B, P + 6)
-    pos = positions_from_valid(valid)
-    step_logits = [model(ids, pos, valid, cache)[:, -1]]
-    for t in range(5):
-        step_logits.append(model(cont[:, t:t + 1], (pos[:, -1] + 1 + t)[:, None], None, cache)[:, -1])
-    cached = torch.stack(step_logits, 1)  # logits predicting cont[:, 0..5]
-    # reference 1: the padded batch in one full forward
-    full_ids, full_valid = torch.cat([ids, cont], 1), torch.cat([valid, torch.ones(B, 6, dtype=torch.bool)], 1)
-    full = model(full_ids, positions_from_valid(full_valid), full_valid)[:, P - 1:P + 5]
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
-    # reference 2: each row alone, unpadded, default positions
-    for i, p in enumerate(ps):
-        alone = model(torch.tensor([p + cont[i, :5].tolist()]))[0, len(p) - 1:]
-        torch.testing.assert_close(cached[i], alone, rtol=1e-5, atol=1e-5)
-
-
-@torch.no_grad()
 def test_same_seed_same_samples_and_greedy_ignores_seed():
-    model = tiny(2)
-    ids, valid = left_pad(prompts(2), PAD)
+    model = tiny_model(2).eval()
+    ids, valid = left_pad(random_prompts(2), PAD)
     run = lambda temp, seed: generate(model, ids, valid, 10, EOS, PAD, temperature=temp, top_k=None,
                                       generator=torch.Generator().manual_seed(seed)).tokens
     assert torch.equal(run(1.0, 7), run(1.0, 7))
@@ -106,10 +72,10 @@ def test_same_seed_same_samples_and_greedy_ignores_seed():
 
 @torch.no_grad()
 def test_mask_and_logprobs_are_right():
-    model = tiny(3)
+    model = tiny_model(3).eval()
     # make EOS likely so that rows stop at different steps
     model.head.weight[EOS] += 0.6 * model.head.weight.std() * torch.randn_like(model.head.weight[EOS]).sign()
-    ids, valid = left_pad(prompts(3, lengths=(2, 6, 4, 3, 8, 5, 1, 7)), PAD)
+    ids, valid = left_pad(random_prompts(3, lengths=(2, 6, 4, 3, 8, 5, 1, 7)), PAD)
     g = torch.Generator().manual_seed(0)
     b = generate(model, ids, valid, 15, EOS, PAD, temperature=1.0, generator=g)
     P = b.prompt_len
@@ -135,16 +101,16 @@ def test_mask_and_logprobs_are_right():
 
 @torch.no_grad()
 def test_top_k_restricts_samples():
-    model = tiny(4)
-    ids, valid = left_pad(prompts(4), PAD)
+    model = tiny_model(4).eval()
+    ids, valid = left_pad(random_prompts(4), PAD)
     b = generate(model, ids, valid, 8, EOS, PAD, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
     greedy = generate(model, ids, valid, 8, EOS, PAD, temperature=0.0)
     assert torch.equal(b.tokens, greedy.tokens)
 
 
 def test_pack_layout_matches_generate_layout():
-    model = tiny(5)
-    ps = prompts(5)
+    model = tiny_model(5).eval()
+    ps = random_prompts(5)
     ids, valid = left_pad(ps, PAD)
     with torch.no_grad():
         b = generate(model, ids, valid, 10, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(0))
@@ -174,9 +140,9 @@ def test_sampler_draws_from_the_tempered_softmax():
 @torch.no_grad()
 def test_rows_of_a_global_batch_sample_the_same_anywhere():
     """Rows split over two 'ranks' (rows 0::2 and 1::2) sample exactly what the whole batch samples."""
-    model = tiny(6)
+    model = tiny_model(6).eval()
     model.head.weight[EOS] += 0.6 * model.head.weight.std() * torch.randn_like(model.head.weight[EOS]).sign()
-    ps = prompts(6, lengths=(2, 6, 4, 3, 8, 5))
+    ps = random_prompts(6, lengths=(2, 6, 4, 3, 8, 5))
     ids, valid = left_pad(ps, PAD)
     whole = generate(model, ids, valid, 12, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(3))
     for r in range(2):
@@ -186,3 +152,14 @@ def test_rows_of_a_global_batch_sample_the_same_anywhere():
                      rows=list(range(r, 6, 2)), n_rows=6)
         # the split batch may stop earlier (all its rows done); compare the completions
         assert b.completions() == whole.completions()[r::2]
+
+
+@torch.no_grad()
+def test_shared_prompt_prefill_samples_what_every_row_prefilled_samples():
+    model = tiny_model(n_layer=3).eval()
+    ids, valid = left_pad(spp_prompts(4), 0)
+    out = [generate(model, ids, valid, 10, 2, 0, temperature=1.0, generator=torch.Generator().manual_seed(7),
+                    share_prompts=share) for share in (True, False)]
+    assert torch.equal(out[0].tokens, out[1].tokens) and torch.equal(out[0].mask, out[1].mask)
+    torch.testing.assert_close(out[0].logprobs, out[1].logprobs, rtol=1e-5, atol=1e-6)
+    assert len({tuple(c) for c in out[0].completions()[:4]}) > 1  # the samples of one prompt differ

@@ -1,20 +1,21 @@
-"""The distillation stage of train.py on tiny random models (in-process, one CPU process)."""
+"""train.py's distillation stage on tiny random checkpoints: the on-policy fraction, each loss lowering
+the reverse KL on fresh samples, a teacher equal to the student, seq-KD rows against the teacher's own
+samples, bad input and NaN losses, and cross-tokenizer runs against the plain path and the sequence-level
+reverse KL."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT, make_ckpt
+from conftest import make_ckpt, run, tiny_model
 from data.countdown import EOS, PAD, TOKENIZER_PATH, load_split, load_tokenizer, prompt_ids
 from losses import per_token_divergence
 from checkpoint import load_pretrained, save_pretrained
-from model import GPT, GPTConfig
+from model import GPTConfig
 from rollout import generate, left_pad
 
 FAST = ["--batch-size", "8", "--max-new-tokens", "6", "--eval-n", "8", "--eval-every", "0", "--warmup", "0"]
@@ -122,11 +123,6 @@ def test_seq_kd_rows_are_teacher_samples(ckpts, tmp_path, monkeypatch):
     assert off_c != s_ref.completions()  # and they are not the student's
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
 def test_bad_input_fails_before_training(ckpts, tmp_path):
     teacher, student = ckpts
     base = ["--teacher", teacher, "--student", student, "--out", str(tmp_path / "run"), *FAST]
@@ -140,7 +136,7 @@ def test_bad_input_fails_before_training(ckpts, tmp_path):
                        (["--teacher", str(other), "--cross-tokenizer", "off"], "tokenizers differ"),
                        (["--teacher", str(other), "--seq-kd"], "--seq-kd with a cross-tokenizer teacher"),
                        (["--max-new-tokens", "60"], "over the student's context")):
-        r = cli(*base, *args)
+        r = run("train.py", *base, *args, check=False)
         assert r.returncode != 0 and want in r.stderr.strip().splitlines()[-1], (args, r.stderr[-500:])
         assert not os.path.exists(os.path.join(tmp_path, "run", "latest"))
 
@@ -148,50 +144,18 @@ def test_bad_input_fails_before_training(ckpts, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(ckpts, tmp_path):
     teacher, student = ckpts
     out = str(tmp_path / "run")
-    assert cli("--teacher", teacher, "--student", student, "--out", out, "--steps", "4", "--save-every", "1",
-               "--max-minutes", "0", *FAST[:-2], "--warmup", "0", "--steps", "2").returncode == 0
+    assert run("train.py", "--teacher", teacher, "--student", student, "--out", out, "--steps", "4", "--save-every",
+               "1", "--max-minutes", "0", *FAST[:-2], "--warmup", "0", "--steps", "2", check=False).returncode == 0
     bad = tmp_path / "nanteacher"
     sd, m = weights(teacher), load_pretrained(teacher)
     sd["head.weight"][0, 0] = float("nan")
     save_pretrained(sd, m.cfg, str(bad), TOKENIZER_PATH)
-    r = cli("--teacher", str(bad), "--student", student, "--out", out, "--steps", "4", "--save-every", "1",
-            "--resume", *FAST)
+    r = run("train.py", "--teacher", str(bad), "--student", student, "--out", out, "--steps", "4", "--save-every", "1",
+            "--resume", *FAST, check=False)
     assert r.returncode != 0 and "step 3" in r.stderr.strip().splitlines()[-1]
     with open(os.path.join(out, "latest")) as f:
         assert f.read() == "step_000002"
     assert all(math.isfinite(v.abs().sum().item()) for v in weights(os.path.join(out, "ckpt", "step_000002")).values())
-
-
-def test_table_pools_seeds(tmp_path):
-    import eval_countdown
-    dirs = []
-    for seed, acc in ((0, 0.30), (1, 0.40), (2, 0.50)):
-        d = tmp_path / f"rkl-l0.5-s{seed}"
-        d.mkdir()
-        (d / "args.json").write_text(json.dumps(dict(loss="rkl", lmbda=0.5, beta=0.5, steps=100, seed=seed, seq_kd=False)))
-        (d / "metrics.jsonl").write_text(
-            json.dumps(dict(step=0, teacher_test_accuracy=0.8, student_test_accuracy_before=0.2)) + "\n" +
-            json.dumps(dict(step=100, loss=0.1, minutes=2.0)) + "\n" +
-            json.dumps(dict(step=100, student_test_accuracy_after=acc)) + "\n")
-        dirs.append(str(d))
-    table = eval_countdown.run_table(dirs)
-    row = [l for l in table.splitlines() if l.startswith("| rkl-l0.5")]
-    assert len(row) == 1
-    cells = [c.strip() for c in row[0].strip("|").split("|")]
-    # mean 40.0, sample std 10.0, 50% of the teacher, (0.4 - 0.2) / (0.8 - 0.2) = 0.33 of the gap
-    assert cells[1:] == ["-", "0.5", "rkl", "-", "0,1,2", "100", "20.0", "40.0 +- 10.0", "50%", "+0.33", "2.0"]
-    with pytest.raises(ValueError, match="not a finished run"):
-        eval_countdown.run_table([str(tmp_path / "missing")])
-
-
-def test_show_prints_rollouts_and_html(ckpts, tmp_path, capsys):
-    import eval_countdown
-    teacher, student = ckpts
-    html = tmp_path / "forks.html"
-    assert eval_countdown.main(["--show", student, "--teacher", teacher, "--n", "3", "--html", str(html)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert sum(l.startswith(("ok ", "BAD")) for l in out) == 3
-    assert html.read_text().count("<div>") == 3 and "rkl" in html.read_text()
 
 
 def test_cross_tokenizer_path_with_identical_tokenizers_equals_the_plain_path(ckpts, tmp_path):
@@ -222,10 +186,9 @@ def test_cross_tokenizer_distill_lowers_sequence_reverse_kl(ckpts, tmp_path, los
     from losses import token_logprobs
     teacher, _ = ckpts
     n_tok = load_tokenizer(NUM_TOKENIZER_PATH)
-    torch.manual_seed(5)
-    cfg = GPTConfig(vocab_size=n_tok.get_vocab_size(), n_layer=1, n_head=2, d_model=32, d_mlp=64)
+    model = tiny_model(5, vocab_size=n_tok.get_vocab_size(), n_layer=1, max_seq_len=GPTConfig.max_seq_len)
     student = str(tmp_path / "numstudent")
-    save_pretrained(GPT(cfg).state_dict(), cfg, student, NUM_TOKENIZER_PATH)
+    save_pretrained(model.state_dict(), model.cfg, student, NUM_TOKENIZER_PATH)
     out = str(tmp_path / "run")
     run_main(["--teacher", teacher, "--student", student, "--out", out, "--loss", loss, "--steps", "8", "--lr", "3e-2",
               "--weight-decay", "0", "--batch-size", "32", "--max-new-tokens", "6", "--eval-n", "8",

@@ -1,4 +1,6 @@
-"""Cross-tokenizer distillation: the number-level tokenizer, the span alignment and the span losses.
+"""crosstok.py: the span alignment against hand-made alignments, span logprobs against a plain teacher
+forward, the span losses against the token-level losses (identical tokenizers) and a float64 brute force,
+a few span-estimator steps; and the number-level tokenizer they are tested with (round trips).
 
 Tiny random GPTs on CPU; the whole file runs in seconds."""
 import math
@@ -11,20 +13,16 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from data.countdown import (BOS, CHARS, EOS, N_NUMBERS, NUM_HI, NUM_MAX, NUM_TOKENIZER_PATH, PAD, UNK,
                             answer_ids, build_num_tokenizer, load_split, load_tokenizer, prompt_ids, prompt_text)
+from conftest import tiny_model
 from crosstok import (align_completion, cross_tokenizer_batch, hybrid_uld_loss, shared_vocab, span_logprobs,
                       span_policy_gradient_loss, span_sum)
 from losses import divergence_loss, sampled_token_loss, token_logprobs
-from model import GPT, GPTConfig
 from rollout import generate, left_pad, pack
 from teacher import score
 
 CHAR = load_tokenizer()
 NUM = load_tokenizer(NUM_TOKENIZER_PATH)
-
-
-def tiny(vocab, seed, d=32):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_head=2, d_model=d, d_mlp=2 * d, max_seq_len=96)).eval()
+SMALL = dict(n_layer=1, max_seq_len=96)  # the models here: one layer, a context of 96
 
 
 def word_level(tokens, regex, specials=(PAD, BOS, EOS, UNK), decoder=None, normalizer=None):
@@ -97,7 +95,8 @@ def test_teacher_span_logprob_is_the_sum_over_its_characters():
     probs = [((20, 20, 4), 100, "20*20=400,400/4=100"), ((3, 7, 13), 88, "7*13=91,91-3=88")]
     batch = pack([prompt_ids(NUM, n, t) for n, t, _ in probs], [answer_ids(NUM, a) for _, _, a in probs], 0)
     cb = cross_tokenizer_batch(batch, probs, NUM, CHAR)
-    teacher, student = tiny(CHAR.get_vocab_size(), 1), tiny(NUM.get_vocab_size(), 2)
+    teacher = tiny_model(1, vocab_size=CHAR.get_vocab_size(), **SMALL).eval()
+    student = tiny_model(2, vocab_size=NUM.get_vocab_size(), **SMALL).eval()
     with torch.no_grad():
         t_lp = token_logprobs(score(teacher, cb.teacher), cb.teacher.tokens[:, 1:])
     s_logits = student(batch.tokens, batch.pos, batch.valid)[:, :-1].detach().requires_grad_(True)
@@ -180,7 +179,7 @@ def test_student_special_token_without_teacher_counterpart_is_an_error():
 def same_tok_case():
     """Student samples (temperature 1, random tiny model: specials mid-text happen) and a teacher, char vocab."""
     V = CHAR.get_vocab_size()
-    student, teacher = tiny(V, 3), tiny(V, 4)
+    student, teacher = tiny_model(3, vocab_size=V, **SMALL).eval(), tiny_model(4, vocab_size=V, **SMALL).eval()
     probs = list(load_split("train")[:12])
     ids, valid = left_pad([prompt_ids(CHAR, n, t) for n, t, _ in probs], 0)
     out = generate(student, ids, valid, 12, CHAR.token_to_id(EOS), 0, generator=torch.Generator().manual_seed(0))
@@ -320,7 +319,8 @@ def _cross_rollout(student, teacher, probs, seed, max_new=8):
 def test_span_sampled_steps_lower_sequence_reverse_kl_on_fresh_samples():
     """Number-level student, character-level teacher: a few steps of the span estimator lower
     E_{y ~ p_S} [log p_S(y) - log p_T(y)] (the sum over spans) measured on fresh samples."""
-    student, teacher = tiny(NUM.get_vocab_size(), 5), tiny(CHAR.get_vocab_size(), 6)
+    student = tiny_model(5, vocab_size=NUM.get_vocab_size(), **SMALL).eval()
+    teacher = tiny_model(6, vocab_size=CHAR.get_vocab_size(), **SMALL).eval()
     probs = list(load_split("train")[:64])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: a second thread only adds overhead (10x on a loaded 2-core box)
