@@ -146,3 +146,47 @@ def test_sampled_estimator_gradient_is_reverse_kl_gradient_in_expectation():
     per = -torch.exp(lp2[all_tok] - lp2[all_tok].detach()) * (t_logp - lp2.detach())
     (w * per).sum().backward()
     torch.testing.assert_close(x2.grad, exact, rtol=1e-12, atol=1e-12)
+
+
+def test_token_logprobs_in_blocks_match_log_softmax_in_float64():
+    """Value and gradient of the blockwise token_logprobs against autograd through F.log_softmax, on a
+    non-contiguous slice of the logits (as the student's [:, :-1] view), for block sizes down to one row."""
+    import torch.nn.functional as F
+    from losses import token_logprobs
+    g = torch.Generator().manual_seed(4)
+    full = torch.randn(5, 8, 11, generator=g, dtype=torch.float64) * 3
+    tok = torch.randint(0, 11, (5, 7), generator=g)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    ref_x = full.clone().requires_grad_(True)
+    ref = F.log_softmax(ref_x[:, :-1], -1).gather(-1, tok[..., None]).squeeze(-1)
+    (ref * w).sum().backward()
+    for chunk in (0, 1, 7, 15, 10_000):  # 1 and 7: one batch row per block; 15: two rows
+        x = full.clone().requires_grad_(True)
+        got = token_logprobs(x[:, :-1], tok, chunk)
+        (got * w.float()).sum().backward()
+        torch.testing.assert_close(got, ref.float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+def test_divergence_keeps_nothing_of_size_positions_by_vocab_for_backward(loss):
+    """What autograd saves between forward and backward is the logits themselves (and the small position
+    index), never a softmax or gradient copy of size [positions, V]."""
+    s, t, mask = rand_case(2, B=4, T=9, V=50)
+    x, t32 = s.float().requires_grad_(True), t.float()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda a: saved.append(a) or a, lambda a: a):
+        val = divergence_loss(x, t32, mask, loss, 7.0, chunk_size=5)
+    val.backward()
+    inputs = {x.untyped_storage().data_ptr(), t32.untyped_storage().data_ptr()}
+    assert any(a.untyped_storage().data_ptr() in inputs for a in saved)
+    extra = sum(a.numel() for a in saved if a.untyped_storage().data_ptr() not in inputs)
+    assert extra < mask.sum().item() * 50 / 10, [a.shape for a in saved]  # the position index, not logits
+
+
+def test_divergence_sum_equals_per_token_divergence_sum():
+    from losses import divergence_sum
+    s, t, mask = rand_case(3, B=3, T=6)
+    want = per_token_divergence(s[mask], t[mask], "rkl").sum()
+    for chunk in (0, 1, 4):
+        torch.testing.assert_close(divergence_sum(s, t, mask, "rkl", chunk_size=chunk), want, rtol=1e-12, atol=1e-12)
