@@ -40,7 +40,6 @@ The last stdout line is one JSON object.
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from data.countdown import TOKENIZER_PATH, load_tokenizer
+from data.countdown import TOKENIZER_PATH, CharFormat, load_tokenizer
 from model import GPT, GPTConfig, distinct_rows, positions_from_valid, prefill
 from rollout import generate, left_pad, sample_token
 
@@ -196,13 +195,6 @@ def rounded(x, digits=4):
     return float(f"{x:.{digits}g}") if isinstance(x, float) else x
 
 
-def peak_mem_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
-
-
 def model_cfg(args, who, vocab, max_len):
     layers, width, heads, mlp = (getattr(args, f"{who}_{k}") for k in ("layers", "width", "heads", "mlp"))
     if width % heads or (width // heads) % 2:
@@ -294,7 +286,7 @@ def main(argv=None):
                                       distinct_rows(ids, valid))),
         full=timed(lambda: generate_no_cache(student, ids, valid, N))), args.repeats,
         warmups=dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2))))  # the costliest: warm briefly
-    mem["rollout"] = peak_mem_mb(device)
+    mem["rollout"] = train.peak_mem_mb(device)
     t_cache, t_prefill, t_full = (times[k]["s"] for k in ("cache", "prefill", "full"))
     same = torch.equal(out["cache"], out["full"])  # the speed-up is not bought with a different result
     agree = (out["cache"][:, P:] == out["full"][:, P:]).float().mean().item()
@@ -321,7 +313,8 @@ def main(argv=None):
                                                                      for p, c in zip(prompts, given)]}
 
     def run_for(share):
-        return train.Run(targs, tok, tok, False, None, 0, 1, device, pad, no_eos, autocast=bf16, share_prompts=share)
+        fmt = CharFormat(tok)
+        return train.Run(targs, fmt, fmt, False, None, 0, 1, device, pad, no_eos, autocast=bf16, share_prompts=share)
 
     def distill_step(lmbda, share=True):
         """One train_step; its parts' seconds, and the step's (the whole call, its metrics included)."""
@@ -351,7 +344,7 @@ def main(argv=None):
     reset_mem()
     times, _ = median_times({k: (lambda lm=lm, sh=sh: distill_step(lm, sh)) for k, (lm, sh) in variants.items()},
                             args.repeats)
-    mem["distill"] = peak_mem_mb(device)
+    mem["distill"] = train.peak_mem_mb(device)
     steps = {}
     for name, (lmbda, share) in variants.items():
         K = B // S if share else B  # rows the prompts are prefilled for

@@ -274,17 +274,6 @@ def side_files(path):
     return [os.path.join(path, n) for n in SIDE_FILES if os.path.isfile(os.path.join(path, n))]
 
 
-def load_tokenizer_for(path, default_path):
-    """The tokenizer saved with a checkpoint (or the default), checked against the checkpoint's vocab."""
-    from data.countdown import load_tokenizer
-    own = os.path.join(path, "tokenizer.json")
-    tok = load_tokenizer(own if os.path.isfile(own) else default_path)
-    cfg = load_config(path)
-    # a Hugging Face model's embedding may be padded past its tokenizer (Qwen: 151,936 rows, 151,665 tokens)
-    if tok.get_vocab_size() != cfg.vocab_size and not (cfg.arch != "gpt" and tok.get_vocab_size() < cfg.vocab_size):
-        raise CheckpointError(f"{path}: tokenizer vocab {tok.get_vocab_size()} != checkpoint vocab {cfg.vocab_size}")
-    return tok
-
 # ----------------------------------------------------------------------------------------- a run's latest
 
 def latest_checkpoint(run_dir):

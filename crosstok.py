@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data.countdown import PAD, prompt_ids
+from data.countdown import CharFormat
 from losses import _Divergence, distill_advantage, policy_gradient_loss, token_logprobs
 from rollout import Batch, pack
 
@@ -135,21 +135,22 @@ class CrossBatch:
                               # s_logits[rows, s_cols] and t_logits[rows, t_cols] (score coordinates)
 
 
-def cross_tokenizer_batch(batch, problems, s_tok, t_tok, max_len=None):
+def cross_tokenizer_batch(batch, problems, s_tok, t_tok, max_len=None, t_format=None):
     """Re-tokenize a student batch for the teacher and align the two (see align_completion).
 
     batch: the student's rollout.Batch (prompt + completions, the layout train.py trains on).
     problems: the rows' problems, (numbers, target, ...) per row, in batch order: the teacher's prompts are
-    prompt_ids(t_tok, numbers, target), its completions the student's completion texts in teacher tokens.
+    t_format.prompt_ids(numbers, target) (the teacher's Countdown format, data.countdown.countdown_format;
+    default: the char format of t_tok), its completions the student's completion texts in teacher tokens.
     max_len: the teacher's context (cfg.max_seq_len); a longer teacher batch is a ValueError, not a crash
     in its forward (a finer teacher tokenizer turns N student tokens into up to N * 3 teacher tokens here).
     Raises ValueError if a row does not round-trip (see align_completion)."""
     if len(problems) != batch.tokens.size(0):
         raise ValueError(f"{len(problems)} problems for a batch of {batch.tokens.size(0)} rows")
+    t_format = t_format or CharFormat(t_tok)
     rows = [align_completion(c, s_tok, t_tok) for c in batch.completions()]
     device = batch.tokens.device
-    tb = pack([prompt_ids(t_tok, p[0], p[1]) for p in problems], [r[0] for r in rows],
-              t_tok.token_to_id(PAD), device)
+    tb = pack([t_format.prompt_ids(p[0], p[1]) for p in problems], [r[0] for r in rows], t_format.pad_id, device)
     if max_len is not None and tb.tokens.size(1) > max_len:
         raise ValueError(f"teacher batch is {tb.tokens.size(1)} tokens long, over the teacher's context of "
                          f"{max_len}: lower --max-new-tokens")

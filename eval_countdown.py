@@ -6,8 +6,11 @@
     python eval_countdown.py --table runs/sweep/rkl-l*/           # Markdown table of distillation runs
     python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
 
-Prints accuracy, the format-valid rate (the answer has the step-list shape, right or wrong), the mean
-answer length in tokens, and a few examples; the last stdout line is one JSON object.
+The checkpoint's Countdown format comes with it (chat.load_chat, data.countdown.countdown_format): the
+step-list format for this codebase's char models, the chat template and <answer>expression</answer> for a
+chat model (give those --max-new-tokens 64-256). Prints accuracy, the format-valid rate (the answer has its
+format's shape, right or wrong), the mean answer length in tokens, and a few examples; the last stdout line
+is one JSON object.
 """
 import argparse
 import json
@@ -17,26 +20,35 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, load_pretrained, load_tokenizer_for, resolve_checkpoint
-from data.countdown import EOS, PAD, TOKENIZER_PATH, is_well_formed, load_split, prompt_ids, prompt_text, verify
+from chat import load_chat
+from checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
+from data.countdown import TOKENIZER_PATH, countdown_format, load_split, prompt_text
 from rollout import generate, left_pad
 
 
-def countdown_eval(model, tok, problems, batch_size=256, temperature=0.0, generator=None, max_new_tokens=24):
-    """Decode every problem once; returns a list of dicts (prompt, answer, correct, well_formed, n_tokens)."""
-    eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
+def load_for_eval(ckpt, default_tokenizer):
+    """(checkpoint directory, model, its Countdown format) of a checkpoint or run directory."""
+    path = resolve_checkpoint(ckpt)
+    model = load_pretrained(path)
+    return path, model, countdown_format(load_chat(path, default_tokenizer))
+
+
+def countdown_eval(model, fmt, problems, batch_size=256, temperature=0.0, generator=None, max_new_tokens=24):
+    """Decode every problem once in the model's format (data.countdown.countdown_format); returns a list of
+    dicts (prompt, answer, correct, well_formed, n_tokens). An answer counts only if it ended (an eos id)."""
     device = next(model.parameters()).device
     rows = []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        ids, valid = left_pad([prompt_ids(tok, n, t) for n, t, _ in chunk], pad, device)
-        batch = generate(model, ids, valid, max_new_tokens, eos, pad, temperature=temperature, generator=generator)
+        ids, valid = left_pad(fmt.prompts(chunk), fmt.pad_id, device)
+        batch = generate(model, ids, valid, max_new_tokens, fmt.eos_ids, fmt.pad_id, temperature=temperature,
+                         generator=generator)
         for (nums, target, _), comp in zip(chunk, batch.completions()):
-            ended = len(comp) > 0 and comp[-1] == eos
-            text = tok.decode(comp[:-1] if ended else comp)
+            ended = len(comp) > 0 and comp[-1] in fmt.eos_ids
+            text = fmt.decode(comp[:-1] if ended else comp)
             rows.append(dict(prompt=prompt_text(nums, target), answer=text, n_tokens=len(comp),
-                             correct=ended and verify(nums, target, text),
-                             well_formed=ended and is_well_formed(text)))
+                             correct=ended and fmt.verify(nums, target, text),
+                             well_formed=ended and fmt.well_formed(text)))
     return rows
 
 
@@ -89,35 +101,33 @@ def run_table(run_dirs):
     return "\n".join(lines)
 
 
-def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_path=None):
+def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_path=None, max_new_tokens=24):
     """Student rollouts with each token shaded by its per-token reverse KL to the teacher."""
     import html as html_lib
     from losses import per_token_divergence
-    from teacher import check_same_tokenizer, load_teacher
-    path = resolve_checkpoint(ckpt)
-    tok = load_tokenizer_for(path, tokenizer_path)
-    student = load_pretrained(path)
-    teacher, t_tok = load_teacher(teacher_dir, default_tokenizer=tokenizer_path)
-    check_same_tokenizer(tok, t_tok)
+    from teacher import check_same_tokenizer
+    _, student, fmt = load_for_eval(ckpt, tokenizer_path)
+    _, teacher, t_fmt = load_for_eval(teacher_dir, tokenizer_path)
+    check_same_tokenizer(fmt.tok, t_fmt.tok)
     problems = load_split("test")[:n]
-    eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
-    ids, valid = left_pad([prompt_ids(tok, a, b) for a, b, _ in problems], pad)
-    batch = generate(student, ids, valid, 24, eos, pad, temperature=temperature,
+    ids, valid = left_pad(fmt.prompts(problems), fmt.pad_id)
+    batch = generate(student, ids, valid, max_new_tokens, fmt.eos_ids, fmt.pad_id, temperature=temperature,
                      generator=torch.Generator().manual_seed(seed))
     s_logits = student(batch.tokens, batch.pos, batch.valid)[:, :-1]
     t_logits = teacher(batch.tokens, batch.pos, batch.valid)[:, :-1]
     kl = per_token_divergence(s_logits.flatten(0, 1), t_logits.flatten(0, 1), "rkl").view(s_logits.shape[:2])
     shades = [(0.05, 0), (0.3, 229), (1.0, 214), (3.0, 202), (float("inf"), 196)]  # KL thresholds, ANSI 256 colours
     term, web, tty = [], [], sys.stdout.isatty()
-    for i, (nums, target, _) in enumerate(problems):
+    for i, ((nums, target, _), comp) in enumerate(zip(problems, batch.completions())):
         toks, ks = [], []
         for j in range(batch.prompt_len, batch.tokens.size(1)):
             if batch.mask[i, j]:
                 t = int(batch.tokens[i, j])
-                toks.append("<eos>" if t == eos else tok.id_to_token(t))
+                # a token's own text (byte-level BPE ids name bytes, not text); newlines shown, not printed
+                piece = fmt.tok.decode([t], skip_special_tokens=False).replace("\n", "\\n")
+                toks.append("<eos>" if t in fmt.eos_ids else piece)
                 ks.append(float(kl[i, j - 1]))
-        text = "".join(toks).replace("<eos>", "")
-        ok = verify(nums, target, text)
+        ok = fmt.verify(nums, target, fmt.decode(comp[:-1] if comp and comp[-1] in fmt.eos_ids else comp))
         line = f"{'ok ' if ok else 'BAD'} {prompt_text(nums, target)}"
         spans = []
         for t, k in zip(toks, ks):
@@ -142,6 +152,7 @@ def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_pat
         print(f"wrote {html_path}")
 
 
+@torch.no_grad()  # and grad mode is back on return: main also runs in-process (tests)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory, or a run directory (its latest checkpoint)")
@@ -152,7 +163,8 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--n", type=int, default=0, help="first N problems of the split (0 = all)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer budget in tokens (chat models need more: "
+                   "64-256)")
     p.add_argument("--sample-temperature", type=float, default=None, help="also report sampled accuracy")
     p.add_argument("--samples", type=int, default=1, help="samples per problem for sampled accuracy")
     p.add_argument("--seed", type=int, default=0)
@@ -168,9 +180,8 @@ def main(argv=None):
         if args.show:
             if not args.teacher:
                 p.error("--show needs --teacher DIR")
-            with torch.no_grad():
-                show_forks(args.show, args.teacher, args.tokenizer, args.n or 8, args.seed,
-                           args.sample_temperature or 1.0, args.html)
+            show_forks(args.show, args.teacher, args.tokenizer, args.n or 8, args.seed,
+                       args.sample_temperature or 1.0, args.html, args.max_new_tokens)
             return 0
     except (CheckpointError, ValueError) as e:
         print(f"eval_countdown.py: error: {e}", file=sys.stderr)
@@ -180,24 +191,21 @@ def main(argv=None):
     if args.sample_temperature is not None and args.sample_temperature <= 0:
         p.error("--sample-temperature must be > 0")
     try:
-        path = resolve_checkpoint(args.ckpt)
-        tok = load_tokenizer_for(path, args.tokenizer)
-        model = load_pretrained(path)
+        path, model, fmt = load_for_eval(args.ckpt, args.tokenizer)
     except (CheckpointError, ValueError) as e:
         print(f"eval_countdown.py: error: {e}", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     problems = load_split(args.split)
     problems = problems[:args.n] if args.n else problems
     t0 = time.time()
-    rows = countdown_eval(model, tok, problems, args.batch_size, 0.0, max_new_tokens=args.max_new_tokens)
+    rows = countdown_eval(model, fmt, problems, args.batch_size, 0.0, max_new_tokens=args.max_new_tokens)
     result = dict(ckpt=path, split=args.split, **{f"greedy_{k}" if k != "n" else k: v for k, v in summarize(rows).items()})
-    for r in rows[:args.examples]:
-        print(f"{'ok ' if r['correct'] else 'BAD'} {r['prompt']}{r['answer']}")
+    for r in rows[:args.examples]:  # one line each: a chat model's answer may span several
+        print(f"{'ok ' if r['correct'] else 'BAD'} {r['prompt']}{r['answer']}".replace("\n", "\\n"))
     if args.sample_temperature is not None:
         g = torch.Generator().manual_seed(args.seed)
         srows = [r for _ in range(args.samples) for r in
-                 countdown_eval(model, tok, problems, args.batch_size, args.sample_temperature, g, args.max_new_tokens)]
+                 countdown_eval(model, fmt, problems, args.batch_size, args.sample_temperature, g, args.max_new_tokens)]
         result.update(sample_temperature=args.sample_temperature, samples=args.samples,
                       sampled_accuracy=summarize(srows)["accuracy"])
     result["seconds"] = round(time.time() - t0, 2)

@@ -56,18 +56,21 @@ class KVCache:
 
     `valid[b, s]` says whether slot s of row b holds a real token (False for left padding); `len` is
     the number of slots filled. A forward of T tokens writes them at slots len..len+T in every layer
-    (`update`, called by attention), then advances len by T."""
+    (`update`, called by attention), then advances len by T. The key/value storage takes the dtype of the
+    first keys written (fp32 on CPU, bf16 under FSDP's bf16 mixed precision)."""
 
-    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, cfg, batch_size, max_len, device=None):
+        self.shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.hd)
+        self.k = self.v = None
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.len = 0
+        self.max_len, self.len = max_len, 0
 
     def update(self, layer, k, v):
         """Write this chunk's keys/values [B, H, T, hd] of `layer` at slots len..len+T; return the layer's
         keys/values over every filled slot, which the chunk attends to."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
         s1 = self.len + k.size(2)
         self.k[layer, :, :, self.len:s1] = k
         self.v[layer, :, :, self.len:s1] = v
@@ -78,6 +81,7 @@ class KVCache:
         for each of its samples)."""
         new = object.__new__(KVCache)
         new.k, new.v, new.valid, new.len = self.k[:, index], self.v[:, index], self.valid[index], self.len
+        new.shape, new.max_len = (self.shape[0], len(index), *self.shape[2:]), self.max_len
         return new
 
 
@@ -99,12 +103,11 @@ def prefill(model, ids, pos, valid, max_len, groups=None):
     running every row (up to float rounding of the smaller batch), for 1/k of the compute with k samples
     per prompt. None runs every row."""
     B, P = ids.shape
-    dtype = next(model.parameters()).dtype
     if groups is None or len(groups[0]) == B:
-        cache = KVCache(model.cfg, B, max_len, device=ids.device, dtype=dtype)
+        cache = KVCache(model.cfg, B, max_len, device=ids.device)
         return model(ids, pos, valid, cache, out_from=P - 1)[:, -1], cache
     first, inverse = groups
-    cache = KVCache(model.cfg, len(first), max_len, device=ids.device, dtype=dtype)
+    cache = KVCache(model.cfg, len(first), max_len, device=ids.device)
     logits = model(ids[first], pos[first], valid[first], cache, out_from=P - 1)[:, -1]
     return logits[inverse], cache.rows(inverse)
 
@@ -243,8 +246,8 @@ class GPT(nn.Module):
         mask = last_mask = None  # None = plain causal
         if cache is not None:
             s0, s1 = cache.len, cache.len + T
-            if s1 > cache.k.size(3):
-                raise ValueError(f"KV cache full: {s1} > {cache.k.size(3)} slots")
+            if s1 > cache.max_len:
+                raise ValueError(f"KV cache full: {s1} > {cache.max_len} slots")
             cache.valid[:, s0:s1] = True if valid is None else valid
             if T == 1:  # one decode step: the query is the newest slot and may see every real filled slot
                 # (the last prompt token is real in every row, so no row of the mask is all False)

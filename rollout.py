@@ -113,8 +113,10 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
 
     The prompts are prefilled once (a prompt that several rows share, once: model.prefill; share_prompts=False
     runs every row); then one token per step for every row, until every row has emitted
-    EOS or max_new_tokens is reached. Under torch.distributed with several ranks, every rank runs the same
-    number of steps (an all-reduce of "anyone still running" per step), as FSDP's collectives require.
+    EOS or max_new_tokens is reached. eos_id: one id, or a list of ids (chat models end a turn with any of
+    several; a row stops at the first of any). Under torch.distributed with several ranks, every rank runs
+    the same number of steps (an all-reduce of "anyone still running" per step), as FSDP's collectives
+    require.
     Returns a Batch whose logprobs are log-softmax of the model's (untempered) logits at the sampled tokens."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -132,6 +134,7 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
     elif rows is not None:
         rows = torch.as_tensor(rows, dtype=torch.long, device=device)
     V = logits.size(-1)
+    stops = torch.tensor(eos_id, dtype=torch.long, device=device) if isinstance(eos_id, (list, tuple)) else None
     n = 0
     for t in range(max_new_tokens):
         noise = None
@@ -142,7 +145,7 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
         tok = torch.where(running, tok, pad_id)
         lp = F.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
         toks[:, t], lps[:, t], live[:, t] = tok, torch.where(running, lp, 0.0), running
-        running = running & (tok != eos_id)
+        running = running & (tok != eos_id if stops is None else ~torch.isin(tok, stops))
         n = t + 1
         if sync:
             flag = running.any().float()

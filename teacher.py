@@ -8,18 +8,18 @@ tokenizer scores the same text in its own tokens (crosstok.py builds that batch)
 """
 import torch
 
-from checkpoint import load_pretrained, load_tokenizer_for, resolve_checkpoint
+from chat import load_chat
+from checkpoint import load_pretrained, resolve_checkpoint
+from data.countdown import countdown_format
 from model import distinct_rows, prefill
 
 
-def load_teacher(path, device="cpu", default_tokenizer=None):
-    """(model, tokenizer) of a frozen teacher checkpoint. Raises CheckpointError/ValueError with one line."""
+def load_teacher(path, default_tokenizer=None):
+    """(frozen model on CPU, its Countdown format) of a teacher checkpoint or run directory. Raises
+    CheckpointError / ValueError with one line."""
     path = resolve_checkpoint(path)
-    tok = load_tokenizer_for(path, default_tokenizer)
-    model = load_pretrained(path, device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval(), tok
+    fmt = countdown_format(load_chat(path, default_tokenizer))
+    return load_pretrained(path).requires_grad_(False), fmt
 
 
 def check_same_tokenizer(student_tok, teacher_tok):
@@ -33,7 +33,8 @@ def check_same_tokenizer(student_tok, teacher_tok):
 
 @torch.no_grad()
 def score(teacher, batch, autocast=False, start=1, share_prompts=True):
-    """Teacher logits (fp32) predicting tokens start..T-1: [B, T-start, V], row i scores
+    """Teacher logits predicting tokens start..T-1: [B, T-start, V] in the model's dtype (fp32 on CPU; the
+    losses upcast one chunk of positions at a time), row i scores
     batch.tokens[:, start + i]. start=batch.prompt_len scores only the completion region (all a
     same-tokenizer loss reads; the forward skips the rest where it can, see GPT.forward's out_from).
 
@@ -48,6 +49,6 @@ def score(teacher, batch, autocast=False, start=1, share_prompts=True):
                 pos = batch.pos
                 last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T, groups)
                 rest = teacher(batch.tokens[:, P:], pos[:, P:], batch.valid[:, P:], cache)
-                return torch.cat([last[:, None], rest[:, :-1]], 1).float()
+                return torch.cat([last[:, None], rest[:, :-1]], 1)
         logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=start - 1)
-    return logits[:, :-1].float()
+    return logits[:, :-1]

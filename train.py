@@ -16,7 +16,9 @@ main() sets up and then loops over train_step, which reads like the method:
   loss       the divergence (losses.py) summed over the step's completion tokens / their count
   update     backward, clip, AdamW
 SFT is the same step with cross-entropy on ground-truth answers (it trains the teacher and the student
-warm start).
+warm start). Each model's Countdown format comes with its checkpoint (chat.py, data/countdown.py): this
+codebase's char models read "3 7 13>88:" and answer a step list; a chat model reads its chat template and
+answers <answer>expression</answer> + its end-of-turn token (give it --max-new-tokens 64-256).
 
 One code path for 1 and N processes: the models are sharded with FSDP2 (fully_shard per block, then the
 root) over gloo on CPU or nccl on CUDA, also when there is a single process. The global batch does not
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -39,18 +42,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pretrained, load_tokenizer_for,
-                        load_train_state, resolve_checkpoint, restore, save_checkpoint)
+from chat import load_chat
+from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pretrained, load_train_state,
+                        resolve_checkpoint, restore, save_checkpoint, side_files)
 from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
-from data.countdown import (EOS, PAD, TOKENIZER_PATH, answer_ids, augment, load_split, load_tokenizer, prompt_ids,
-                            prompt_text)
+from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
 from eval_countdown import countdown_eval, summarize
-from losses import (LOSSES, distill_advantage, divergence_loss, per_token_divergence, policy_gradient_loss,
+from losses import (LOSSES, distill_advantage, divergence_loss, divergence_sum, policy_gradient_loss,
                     token_logprobs)
-from model import GPT, GPTConfig, num_params
+from model import GPT, GPTConfig, keep_layers, num_params
 from rollout import generate, left_pad, pack
 from teacher import check_same_tokenizer, load_teacher, score
 
@@ -68,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--student", default=None, help="initial student checkpoint (distill default: checkpoints/student;"
                    " sft default: a fresh model of the shape below)")
     p.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill)")
+    p.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
+                   "blocks of --student only (a Python slice, e.g. 0::3: every third layer of a teacher copy)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
@@ -87,9 +91,11 @@ def parse_args(argv=None):
                    "differ; off: refuse such a teacher)")
     p.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
                    "term on the tokens the two vocabularies do not share")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
+                   "chat model's <answer> needs more: 64-256")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
-    p.add_argument("--chunk-size", type=int, default=0, help="divergence over positions in chunks (0 = all at once)")
+    p.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
+                   "(0 = as many as fit 2^24 logits: one chunk for the char vocabulary)")
     # optimisation
     p.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
     p.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
@@ -175,13 +181,17 @@ def setup_dist(device_arg):
 
 
 def shard(model, device):
-    """FSDP2: each block is one all-gather unit, the root holds the embedding, final norm and head."""
+    """FSDP2: each block is one all-gather unit, the root holds the embedding, final norm and head. On CUDA
+    the parameters are gathered in bf16 and gradients reduced in fp32 (the fp32 master weights stay
+    sharded); the losses upcast one chunk of positions at a time. CPU runs fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -207,18 +217,19 @@ def all_sum(x, device):
 
 @dataclass
 class Run:
-    """What every step reads and nothing changes: flags, tokenizers, process layout."""
+    """What every step reads and nothing changes: flags, Countdown formats, process layout."""
     args: argparse.Namespace
-    tok: object                 # the student's tokenizer
-    t_tok: object               # the teacher's (None for SFT)
+    fmt: object                 # the student's Countdown format (data.countdown.countdown_format): tokenizer, prompts
+    t_fmt: object               # the teacher's (None for SFT)
     cross: bool                 # the teacher has another tokenizer: span-aligned losses (crosstok.py)
     shared: tuple               # (student ids, teacher ids) of the token strings both vocabularies hold
     rank: int
     world: int
     device: torch.device
-    pad: int
-    eos: int
-    autocast: bool              # bf16 autocast (CUDA); CPU runs fp32
+    pad: int                    # the student format's pad id
+    eos: object                 # the ids a rollout stops at (the student format's eos_ids; an int also does)
+    autocast: bool              # bf16 autocast, for unsharded models (bench.py); train.py's sharded models get
+                                # bf16 on CUDA from FSDP's policy (shard) and run fp32 on CPU
     share_prompts: bool = True  # one prefill per distinct prompt (rollout and teacher); False to measure it
 
     def sync(self):  # part timings mean something on CUDA only after the queued kernels ran
@@ -234,7 +245,7 @@ class Row:
     problem: tuple        # (numbers, target, solution): a cross-tokenizer teacher builds its own prompt
 
 
-def step_rows(problems, step, args, n_on, tok, rank, world):
+def step_rows(problems, step, args, n_on, fmt, rank, world):
     """This rank's rows of step `step`: the global batch is drawn by a generator seeded with (seed, step), its
     first n_on rows on-policy (n_on / spp problems, each spp times in a row), the rest off-policy; rank r
     takes rows r::world (n_on is a multiple of world, so every rank gets the same share of each kind)."""
@@ -247,8 +258,8 @@ def step_rows(problems, step, args, n_on, tok, rank, world):
     n_prompts = n_on // args.samples_per_prompt
     on = [p for p in probs[:n_prompts] for _ in range(args.samples_per_prompt)]
     off = probs[n_prompts:n_prompts + args.batch_size - n_on]
-    rows = ([Row(prompt_ids(tok, n, t), None, True, (n, t, a)) for n, t, a in on] +
-            [Row(prompt_ids(tok, n, t), answer_ids(tok, a), False, (n, t, a)) for n, t, a in off])
+    rows = ([Row(fmt.prompt_ids(n, t), None, True, (n, t, a)) for n, t, a in on] +
+            [Row(fmt.prompt_ids(n, t), fmt.answer_ids(a), False, (n, t, a)) for n, t, a in off])
     return rows[rank::world]
 
 
@@ -290,17 +301,18 @@ def teacher_scores(teacher, batch, rows, step, run):
     if not run.cross:
         return score(teacher, batch, run.autocast, batch.prompt_len, run.share_prompts), None
     try:
-        cb = cross_tokenizer_batch(batch, [r.problem for r in rows], run.tok, run.t_tok, teacher.cfg.max_seq_len)
+        cb = cross_tokenizer_batch(batch, [r.problem for r in rows], run.fmt.tok, run.t_fmt.tok,
+                                   teacher.cfg.max_seq_len, run.t_fmt)
     except ValueError as e:  # text the teacher's tokenizer cannot reproduce: stop, never misalign
         fail(f"step {step + 1}: {e}; the last good checkpoint is {run.args.out}/latest")
     return score(teacher, cb.teacher, run.autocast), cb
 
 
 def student_logits(model, batch, c, autocast):
-    """Student logits (fp32, with grad) predicting tokens c.. of the batch: the forward computes the head only
-    for the columns a loss reads (model.GPT.forward's out_from)."""
+    """Student logits (with grad) predicting tokens c.. of the batch, in the model's dtype (the losses upcast
+    a chunk at a time): the forward computes the head only for the columns a loss reads (GPT's out_from)."""
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
-        return model(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1].float()
+        return model(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1]
 
 
 def distill_loss(s_logits, t_logits, batch, cb, n_tok, run):
@@ -325,13 +337,13 @@ def distill_loss(s_logits, t_logits, batch, cb, n_tok, run):
         loss = divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta, args.loss_temperature,
                                args.chunk_size)
     on = m & on_rows[:, None]
-    return loss, per_token_divergence(s_logits[on], t_logits[on], "rkl").sum()
+    return loss, divergence_sum(s_logits, t_logits, on, "rkl", chunk_size=args.chunk_size)
 
 
-def sft_loss(s_logits, batch, n_tok):
+def sft_loss(s_logits, batch, n_tok, chunk_size=0):
+    """Cross-entropy of the given completions, summed over the step's completion tokens / their count."""
     c = batch.prompt_len
-    ce = F.cross_entropy(s_logits.flatten(0, 1), batch.tokens[:, c:].flatten(), reduction="none")
-    return (ce * batch.mask[:, c:].flatten()).sum() / n_tok
+    return -(token_logprobs(s_logits, batch.tokens[:, c:], chunk_size) * batch.mask[:, c:]).sum() / n_tok
 
 
 def train_step(step, rows, model, teacher, optimizer, run):
@@ -355,7 +367,7 @@ def train_step(step, rows, model, teacher, optimizer, run):
     lap("teacher")
     s_logits = student_logits(model, batch, c, run.autocast)
     if teacher is None:
-        loss, rkl = sft_loss(s_logits, batch, n_tok), None
+        loss, rkl = sft_loss(s_logits, batch, n_tok, args.chunk_size), None
     else:
         loss, rkl = distill_loss(s_logits, t_logits, batch, cb, n_tok, run)
     (loss * run.world).backward()  # FSDP averages gradients over ranks; the loss is already per step token
@@ -386,14 +398,52 @@ def lr_at(step, args):
 
 # ------------------------------------------------------------------------------------ eval and logging
 
-def evaluate(model, tok, problems, rank, world, device):
-    """Greedy accuracy on `problems`, each rank decoding its share."""
+def evaluate(model, fmt, problems, rank, world, device, max_new_tokens, examples=None):
+    """Greedy accuracy on `problems` in the model's format, each rank decoding its share. examples: a list
+    that receives this rank's first answers (problem, answer text), to show what the model writes."""
     mine = problems[rank::world]
     with torch.no_grad(), decoding(model):
-        rows = countdown_eval(model, tok, mine, batch_size=512)
+        rows = countdown_eval(model, fmt, mine, batch_size=512, max_new_tokens=max_new_tokens)
+    if examples is not None:
+        examples += [(r["prompt"], r["answer"]) for r in rows[:N_EXAMPLES]]
     s = summarize(rows)
     n = all_sum(s["n"], device)
     return {k: all_sum(s[k] * s["n"], device) / n for k in ("accuracy", "format_valid", "mean_tokens")}
+
+
+N_EXAMPLES = 3  # test answers printed before and after distillation, side by side
+
+
+def evaluate_rkl(model, teacher, problems, run):
+    """The student's mean per-token reverse KL to the teacher, KL(p_S || p_T) over the full vocabularies, on
+    its own samples (fixed noise) for held-out prompts: what on-policy distillation lowers. Same-tokenizer
+    teachers only (None otherwise)."""
+    if run.cross:
+        return None
+    problems = problems[:len(problems) // run.world * run.world]  # every rank decodes as many rows
+    rows = [Row(run.fmt.prompt_ids(n, t), None, True, (n, t, a)) for n, t, a in problems]
+    total, count, B = 0.0, 0, run.args.batch_size
+    with torch.no_grad():
+        for i in range(0, len(rows), B):  # step -1, -2, ...: sampling noise no training step uses
+            batch = make_batch(-1 - i // B, rows[i:i + B][run.rank::run.world], model, teacher, run)
+            t_logits, _ = teacher_scores(teacher, batch, None, -1, run)
+            s_logits = student_logits(model, batch, batch.prompt_len, run.autocast)
+            m = batch.mask[:, batch.prompt_len:]
+            total += divergence_sum(s_logits, t_logits, m, "rkl", chunk_size=run.args.chunk_size).item()
+            count += m.sum().item()
+    return all_sum(total, run.device) / max(1.0, all_sum(count, run.device))
+
+
+def peak_mem_mb(device):
+    """CUDA: the most memory allocated; CPU: the process's peak resident set (only grows)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def rkl_text(template, value):
+    return "" if value is None else template.format(value)
 
 
 def open_metrics(path, start):
@@ -415,24 +465,28 @@ def open_metrics(path, start):
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def longest_prompt(tok):
-    """The most tokens any Countdown prompt ([BOS] + text) takes in this tokenizer."""
-    texts = [prompt_text(n, t) for split in ("train", "val", "test") for n, t, _ in load_split(split)]
-    return 1 + max(len(e.ids) for e in tok.encode_batch(texts))
+def longest_prompt(fmt):
+    """The most tokens any Countdown prompt takes in this format."""
+    return max(len(p) for split in ("train", "val", "test") for p in fmt.prompts(load_split(split)))
 
 
-def check_context(tok, t_tok, cfg, t_cfg, max_new_tokens):
+def check_context(fmt, t_fmt, cfg, t_cfg, max_new_tokens):
     """Refuse (ValueError) a --max-new-tokens whose longest rollout would not fit the student's or the
-    teacher's context. Across tokenizers the teacher needs at most one token per character of the
-    completion (+ EOS), and a student token is at most `chars` characters."""
-    n = longest_prompt(tok) + max_new_tokens
-    if n > cfg.max_seq_len:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt + completion is {n} tokens, "
-                         f"over the student's context of {cfg.max_seq_len}")
-    if t_tok is not tok:
+    teacher's context (max_seq_len: a Hugging Face model's max_position_embeddings). Across tokenizers the
+    teacher needs at most one token per character of the completion (+ EOS), and a student token is at most
+    `chars` characters."""
+    tok = fmt.tok
+    n = longest_prompt(fmt) + max_new_tokens
+    # with one tokenizer the teacher scores the student's sequences as they are
+    contexts = {"student": cfg.max_seq_len} | ({"teacher": t_cfg.max_seq_len} if t_fmt is fmt else {})
+    for who, context in contexts.items():
+        if n > context:
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt + completion is {n} tokens, "
+                             f"over the {who}'s context of {context}")
+    if t_fmt is not fmt:
         special = set(tok.get_added_tokens_decoder())
         chars = max(len(t) for t, i in tok.get_vocab().items() if i not in special)
-        n = longest_prompt(t_tok) + max_new_tokens * chars + 1
+        n = longest_prompt(t_fmt) + max_new_tokens * chars + 1
         if n > t_cfg.max_seq_len:
             raise ValueError(f"--max-new-tokens {max_new_tokens}: a completion of up to {max_new_tokens * chars} "
                              f"characters needs up to {n} teacher tokens with its prompt, over the teacher's "
@@ -441,7 +495,9 @@ def check_context(tok, t_tok, cfg, t_cfg, max_new_tokens):
 
 def load_models(args):
     """Everything a run reads from disk, checked before a process group starts or the run directory is
-    touched: (student, its tokenizer, teacher or None, its tokenizer, cross, resume state or None).
+    touched: (student, its Countdown format, teacher or None, its format, cross, resume state or None, the
+    student's text files: text_files).
+    A model's format comes with its checkpoint (chat.load_chat: tokenizer, chat template, eos ids).
     Raises CheckpointError / ValueError with one line."""
     if args.resume:
         init_path = latest_checkpoint(args.out)
@@ -454,29 +510,53 @@ def load_models(args):
     torch.manual_seed(args.seed)  # a fresh model's initial weights: the same on every rank and world size
     resume_state = None
     if init_path:
-        cfg, tok = load_config(init_path), load_tokenizer_for(init_path, args.tokenizer)
+        cfg = load_config(init_path)
+        fmt = countdown_format(load_chat(init_path, args.tokenizer))
         if os.path.isfile(os.path.join(init_path, "tokenizer.json")):
             args.tokenizer = os.path.join(init_path, "tokenizer.json")
         if args.resume:
             student, resume_state = GPT(cfg), load_train_state(init_path)
         else:
             student = load_pretrained(init_path).train()
+            if args.keep_layers:
+                student = keep_layers(student, layer_slice(args.keep_layers, student.cfg.n_layer))
     else:
-        tok = load_tokenizer(args.tokenizer)
-        student = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
+        fmt = countdown_format(load_chat(None, args.tokenizer))
+        student = GPT(GPTConfig(vocab_size=fmt.tok.get_vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
                                 d_model=args.d_model, d_mlp=args.d_mlp))
     if args.stage != "distill":
-        return student, tok, None, None, False, resume_state
-    teacher, t_tok = load_teacher(args.teacher, default_tokenizer=args.tokenizer)
-    same = tok.get_vocab() == t_tok.get_vocab()
+        return student, fmt, None, None, False, resume_state, text_files(init_path, args.tokenizer)
+    teacher, t_fmt = load_teacher(args.teacher, args.tokenizer)
+    same = fmt.tok.get_vocab() == t_fmt.tok.get_vocab()
     if args.cross_tokenizer == "off" or (same and args.cross_tokenizer == "auto"):
-        check_same_tokenizer(tok, t_tok)
+        check_same_tokenizer(fmt.tok, t_fmt.tok)
     cross = args.cross_tokenizer == "on" or not same
     if cross and args.seq_kd:
         raise ValueError("--seq-kd with a cross-tokenizer teacher is not supported (its samples are in the "
                          "teacher's tokens)")
-    check_context(tok, t_tok if cross else tok, student.cfg, teacher.cfg, args.max_new_tokens)
-    return student, tok, teacher, t_tok, cross, resume_state
+    check_context(fmt, t_fmt if cross else fmt, student.cfg, teacher.cfg, args.max_new_tokens)
+    return student, fmt, teacher, t_fmt, cross, resume_state, text_files(init_path, args.tokenizer)
+
+
+def layer_slice(spec, n_layer):
+    """The block indices a START:STOP:STEP slice keeps out of n_layer; ValueError (one line) when malformed."""
+    try:
+        parts = [int(x) if x.strip() else None for x in spec.split(":")]
+        layers = list(range(n_layer))[slice(*parts)] if 1 <= len(parts) <= 3 else []
+    except ValueError:
+        layers = []
+    if not layers:
+        raise ValueError(f"--keep-layers {spec!r}: not a START:STOP:STEP slice that keeps some of {n_layer} layers")
+    return layers
+
+
+def text_files(ckpt, tokenizer):
+    """What a checkpoint of the student copies to keep its text interface: its tokenizer.json (`tokenizer`
+    when the checkpoint `ckpt` has none or is None), then the chat template, tokenizer and generation configs
+    beside it."""
+    own = os.path.join(ckpt, "tokenizer.json") if ckpt else None
+    others = [f for f in side_files(ckpt) if os.path.basename(f) != "tokenizer.json"] if ckpt else []
+    return [own if own and os.path.isfile(own) else tokenizer] + others
 
 # ------------------------------------------------------------------------------------------------- main
 
@@ -486,7 +566,7 @@ def main(argv=None):
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and latest_checkpoint(args.out) is not None:
         args.resume = True  # torchrun --max-restarts restarted this job: continue from the latest checkpoint
     try:
-        student, tok, teacher, t_tok, cross, resume_state = load_models(args)
+        student, fmt, teacher, t_fmt, cross, resume_state, files = load_models(args)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     try:
@@ -506,8 +586,8 @@ def main(argv=None):
              f"{args.samples_per_prompt} and of the {world} processes")
     model = shard(student.to(device), device)
     teacher = shard(teacher.to(device), device) if distill else None
-    run = Run(args, tok, t_tok, cross, shared_vocab(tok, t_tok, device) if cross else None, rank, world, device,
-              tok.token_to_id(PAD), tok.token_to_id(EOS), autocast=device.type == "cuda")
+    run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,
+              device, fmt.pad_id, fmt.eos_ids, autocast=False)  # CUDA: bf16 through FSDP's policy (shard)
     if rank == 0 and cross and args.loss != "sampled":
         print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "
               "collapsed a number-level student under a char-level teacher on Countdown (docs/cross_tokenizer.md);"
@@ -534,14 +614,20 @@ def main(argv=None):
 
     train, val, test = load_split("train"), load_split("val"), load_split("test")
     val, test = (val[:args.eval_n], test[:args.eval_n]) if args.eval_n else (val, test)
-    summary = {}
+    # eval lets every model answer in at least 24 tokens (a step list takes up to 18) even when rollouts are
+    # cut shorter, e.g. to fit a cross-tokenizer teacher's context; chat models get --max-new-tokens
+    eval_tokens = max(24, args.max_new_tokens)
+    summary, before, after = {}, [], []
     if distill and start == 0:  # where the student starts, and where the teacher is
-        summary["teacher_test_accuracy"] = evaluate(teacher, t_tok, test, rank, world, device)["accuracy"]
-        summary["student_test_accuracy_before"] = evaluate(model, tok, test, rank, world, device)["accuracy"]
+        summary["teacher_test_accuracy"] = evaluate(teacher, t_fmt, test, rank, world, device, eval_tokens)["accuracy"]
+        summary["student_test_accuracy_before"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
+                                                           before)["accuracy"]
+        summary["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
         log(dict(step=0, **summary))
         if rank == 0:
             print(f"test accuracy: teacher {summary['teacher_test_accuracy']:.3f}, "
-                  f"student before {summary['student_test_accuracy_before']:.3f}")
+                  f"student before {summary['student_test_accuracy_before']:.3f}"
+                  + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary["student_val_rkl_before"]))
     elif distill and rank == 0:  # resumed: the start-of-run accuracies were logged at step 0
         with open(os.path.join(args.out, "metrics.jsonl")) as f:
             summary = {k: v for rec in map(json.loads, f) if rec["step"] == 0 for k, v in rec.items() if k != "step"}
@@ -550,7 +636,7 @@ def main(argv=None):
     last = {}
     for step in range(start, args.steps):
         t0 = time.time()
-        m = train_step(step, step_rows(train, step, args, n_on, tok, rank, world), model, teacher, optimizer, run)
+        m = train_step(step, step_rows(train, step, args, n_on, fmt, rank, world), model, teacher, optimizer, run)
         if not math.isfinite(m["loss"]):
             bar.close()
             fail(f"loss is {m['loss']} at step {step + 1}; stopping. The last good checkpoint is {args.out}/latest")
@@ -571,25 +657,33 @@ def main(argv=None):
         out_of_time = args.max_minutes and all_sum(t_train, device) / world / 60 >= args.max_minutes
         done = step + 1 == args.steps or bool(out_of_time)
         if (args.eval_every and (step + 1) % args.eval_every == 0) or done:
-            ev = evaluate(model, tok, val, rank, world, device)
-            last |= {f"val_{k}": round(v, 4) for k, v in ev.items()}
+            ev = evaluate(model, fmt, val, rank, world, device, eval_tokens)
+            if distill:
+                ev["rkl"] = evaluate_rkl(model, teacher, val, run)
+            last |= {f"val_{k}": None if v is None else round(v, 4) for k, v in ev.items()}
             log(dict(step=step + 1, **{f"val_{k}": v for k, v in ev.items()}))
             if rank == 0:
                 bar.write(f"step {step + 1}: loss {m['loss']:.4f} val accuracy {ev['accuracy']:.3f} "
-                          f"format-valid {ev['format_valid']:.3f} ({t_train / 60:.1f} min)")
+                          f"format-valid {ev['format_valid']:.3f}" + rkl_text(" rkl {:.3f}", ev.get("rkl")) +
+                          f" ({t_train / 60:.1f} min)")
         if (step + 1) % args.save_every == 0 or done:
-            save_checkpoint(args.out, model, optimizer, step + 1, args.tokenizer,
-                            dict(train_seconds=t_train, args=vars(args)), args.keep)
+            save_checkpoint(args.out, model, optimizer, step + 1, files[0],
+                            dict(train_seconds=t_train, args=vars(args)), args.keep, side=files[1:])
+            # the next one copies them from this one: --keep may delete the checkpoint a resumed run started from
+            files = text_files(latest_checkpoint(args.out), args.tokenizer)
         if done:
             break
     bar.close()
     if distill:
-        summary["student_test_accuracy_after"] = evaluate(model, tok, test, rank, world, device)["accuracy"]
+        summary["student_test_accuracy_after"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
+                                                          after)["accuracy"]
         log(dict(step=last.get("step", start), **summary))
         if rank == 0:
+            for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
+                print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
             print(f"test accuracy: student after {summary['student_test_accuracy_after']:.3f}")
     if rank == 0:
-        print(json.dumps(dict(out=args.out, **last, **summary)))
+        print(json.dumps(dict(out=args.out, **last, **summary, peak_mem_mb=round(peak_mem_mb(device)))))
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 

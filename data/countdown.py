@@ -12,6 +12,8 @@ target, and every given number (and every intermediate result) is used exactly o
 
 Chat format (real chat models, see chat_prompt_text): the answer is one expression with parentheses inside
 <answer></answer>, e.g. "<answer>(7*13)-3</answer>", checked by verify_chat with exact fractions.
+countdown_format(chat) gives a model its format (CharFormat or ChatFormat: prompt ids, answer ids, eos and
+pad ids, the verifier), so training and eval take either.
 
     python -m data.countdown            # writes data/tokenizer.json and data/tokenizer_num.json, prints
                                         # split sizes and examples
@@ -429,6 +431,78 @@ def prompt_ids(tok, numbers, target):
 def answer_ids(tok, answer):
     """The answer's token ids + [EOS]: the EOS is a real token the model must learn to emit."""
     return tok.encode(answer).ids + [tok.token_to_id(EOS)]
+
+# ------------------------------------------------------------------------------ one format per model
+# What a model is asked and how its answer is checked depend on the model: this codebase's char models
+# read "3 7 13>88:" and answer with a step list; a chat model reads its chat template around
+# chat_prompt_text and answers <answer>expression</answer>. Both formats share one interface, so training
+# and eval never ask which one they hold. Problems are (numbers, target, solution step list).
+
+
+class CharFormat:
+    """[BOS] + "3 7 13>88:" -> the step list + [EOS] (prompt_ids, answer_ids, verify, is_well_formed)."""
+
+    def __init__(self, tok):
+        for name in (BOS, EOS):
+            if tok.token_to_id(name) is None:
+                raise ValueError(f"the tokenizer has no chat template and no {name} token: no Countdown format")
+        self.tok = tok
+        self.eos_ids = [tok.token_to_id(EOS)]
+        self.pad_id = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else self.eos_ids[0]
+
+    def prompt_ids(self, numbers, target):
+        return prompt_ids(self.tok, numbers, target)
+
+    def prompts(self, problems):
+        """prompt_ids of many problems in one batched tokenizer call."""
+        bos = self.tok.token_to_id(BOS)
+        return [[bos] + e.ids for e in self.tok.encode_batch([prompt_text(p[0], p[1]) for p in problems])]
+
+    def answer_ids(self, solution):
+        return answer_ids(self.tok, solution)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+    def verify(self, numbers, target, text):
+        return verify(numbers, target, text)
+
+    def well_formed(self, text):
+        return is_well_formed(text)
+
+
+class ChatFormat:
+    """The chat template around chat_prompt_text -> <answer>expression</answer> + the end-of-turn token
+    (verify_chat). `chat` is a chat.Chat: tok, eos_ids, pad_id and prompt_ids(messages)."""
+
+    def __init__(self, chat):
+        self.tok, self.eos_ids, self.pad_id, self._chat = chat.tok, list(chat.eos_ids), chat.pad_id, chat
+        self.prompt_ids(*_CHAT_EXAMPLES[0][:2])  # a template that cannot render a prompt fails here, not mid-run
+
+    def prompt_ids(self, numbers, target):
+        return self._chat.prompt_ids([{"role": "user", "content": chat_prompt_text(numbers, target)}])
+
+    def prompts(self, problems):
+        return [self.prompt_ids(p[0], p[1]) for p in problems]
+
+    def answer_ids(self, solution):
+        text = format_expression_answer(steps_to_expression(solution))
+        return self.tok.encode(text, add_special_tokens=False).ids + [self.eos_ids[0]]
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def verify(self, numbers, target, text):
+        return verify_chat(numbers, target, text)
+
+    def well_formed(self, text):
+        return extract_answer(text) is not None
+
+
+def countdown_format(chat):
+    """The Countdown format of a model's text interface (chat.Chat): the chat format when it has a chat
+    template, else the char format of its tokenizer. Raises ValueError when neither fits."""
+    return ChatFormat(chat) if chat.template is not None else CharFormat(chat.tok)
 
 
 # ------------------------------------------------------------------------- number-level tokenizer (2nd)

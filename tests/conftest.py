@@ -133,3 +133,48 @@ def smollm2_transformers(smollm2_dir):
     """transformers' LlamaForCausalLM on the converted directory (fp32, eval)."""
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+# ------------------------------------------------------------------ a small chat tokenizer (transformers' layout)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML, written the way real templates are (indented blocks, whitespace control), so trim_blocks and
+# lstrip_blocks matter; a default system message, bos_token and raise_exception as in Hub templates
+CHATML = """{{ bos_token }}
+{%- if messages[0]['role'] != 'system' %}
+    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + message['role']) }}
+    {% endif %}
+    {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' -}}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' -}}
+{% endif %}"""
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (all 256 bytes + merges learnt on Countdown prompts) with ChatML's specials."""
+    from data.countdown import chat_prompt_text, format_expression_answer, load_split, steps_to_expression
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [chat_prompt_text(n, t) + format_expression_answer(steps_to_expression(a))
+             for n, t, a in load_split("train")[:300]] + ["system user assistant You are a helpful assistant."]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer with ChatML as transformers' save_pretrained writes it (chat_template.jinja)."""
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("chat_tokenizer") / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer(), bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                            pad_token="<|endoftext|>", chat_template=CHATML).save_pretrained(str(d))
+    return str(d)

@@ -45,8 +45,9 @@ def test_on_policy_fraction_is_exact_and_lambda_zero_never_samples(ckpts, tmp_pa
     teacher, student = ckpts
     sampled = []
     real_sample = train.sample
-    monkeypatch.setattr(train, "sample", lambda model, prompts, *a: sampled.append((model, len(prompts))) or
-                        real_sample(model, prompts, *a))
+    # training steps only: the held-out reverse-KL eval samples too, at steps -1, -2, ...
+    monkeypatch.setattr(train, "sample", lambda model, prompts, run, step, stream: (
+        step >= 0 and sampled.append((model, len(prompts)))) or real_sample(model, prompts, run, step, stream))
     out = str(tmp_path / "run")
     run_main(["--teacher", teacher, "--student", student, "--out", out, "--lmbda", str(lmbda), "--steps", "4", *FAST])
     steps = [r for r in rows(out) if "on_policy_frac" in r]
@@ -106,8 +107,10 @@ def test_sampled_with_teacher_equal_to_student_has_round_off_advantages(ckpts, t
 def test_seq_kd_rows_are_teacher_samples(ckpts, tmp_path, monkeypatch):
     teacher, student = ckpts
     packed = []
-    real_pack = train.pack
-    monkeypatch.setattr(train, "pack", lambda p, c, *a, **k: packed.append((p, c)) or real_pack(p, c, *a, **k))
+    real_make_batch = train.make_batch
+    monkeypatch.setattr(train, "make_batch", lambda step, rows, *a: (
+        lambda b: step == 0 and packed.append(([r.prompt for r in rows], b.completions())) or b)(
+        real_make_batch(step, rows, *a)))
     run_main(["--teacher", teacher, "--student", student, "--out", str(tmp_path / "run"), "--lmbda", "0.5",
               "--seq-kd", "--steps", "1", *FAST])
     prompts, comps = packed[0]
@@ -211,3 +214,33 @@ def test_cross_tokenizer_distill_lowers_sequence_reverse_kl(ckpts, tmp_path, los
 
     before, after = seq_rkl(student), seq_rkl(os.path.join(out, "ckpt", "step_000008"))
     assert after < 0.97 * before, (before, after)
+
+
+def test_a_hf_student_made_and_saved_by_train_loads_in_transformers(chat_tokenizer_dir, tmp_path):
+    """A tiny Llama with a chat template as teacher; the student starts from every other of its layers
+    (--keep-layers ::2). Two steps later the saved student is a Hugging Face checkpoint: transformers loads it
+    with our logits, its chat files came along, and its weights moved away from the teacher's."""
+    import shutil
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from chat import load_chat
+    from conftest import hf_logits, make_hf_model
+    from model import keep_layers, positions_from_valid
+    teacher = tmp_path / "teacher"
+    vocab = load_chat(chat_tokenizer_dir).tok.get_vocab_size()
+    make_hf_model(teacher, "llama", tied=True, vocab_size=vocab, n_layer=4, bos_token_id=0, eos_token_id=2)
+    for f in os.listdir(chat_tokenizer_dir):
+        shutil.copyfile(os.path.join(chat_tokenizer_dir, f), teacher / f)
+    out = str(tmp_path / "run")
+    run_main(["--teacher", str(teacher), "--student", str(teacher), "--keep-layers", "::2", "--out", out,
+              "--steps", "2", "--lr", "1e-3", "--max-new-tokens", "8", *FAST[:2], *FAST[4:]])
+    saved = os.path.join(out, "ckpt", "step_000002")
+    ours, ref = load_pretrained(saved), AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    assert ours.cfg.n_layer == ref.config.num_hidden_layers == 2 and ours.cfg.arch == "llama"
+    ids, valid = left_pad([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]], 0)
+    with torch.no_grad():
+        diff = (hf_logits(ref, ids, valid) - ours(ids, positions_from_valid(valid), valid))[valid].abs().max()
+    assert diff < 1e-5
+    start = keep_layers(load_pretrained(str(teacher)), [0, 2])
+    assert not torch.equal(start.blocks[1].fc.weight, ours.blocks[1].fc.weight)
+    assert AutoTokenizer.from_pretrained(saved).apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                    add_generation_prompt=True, tokenize=False)
