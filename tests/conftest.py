@@ -36,6 +36,18 @@ def make_ckpt(path, seed, n_layer, sharpen=1.0):
     return str(path)
 
 
+# a sharp teacher and a different student; lambda 0.5 with seq-KD exercises both samplers (student and
+# teacher) and both halves of the batch
+DISTILL_ARGS = ["--batch-size", "16", "--max-new-tokens", "8", "--eval-n", "8", "--eval-every", "0", "--warmup", "1",
+                "--lmbda", "0.5", "--seq-kd", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def sharp_ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    return make_ckpt(d / "teacher", 1, 2, sharpen=20.0), make_ckpt(d / "student", 2, 2)
+
+
 def random_prompts(seed=0, lengths=(3, 7, 5, 1, 9)):
     """BOS + random non-special tokens, one prompt per length."""
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +90,8 @@ def one_line_error(r):
 
 HF_FAMILIES = {  # tiny shapes that still exercise each family's switches
     "llama": dict(num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+                                                       "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 16}),
     "qwen2": dict(num_key_value_heads=2),            # q/k/v biases
     "qwen3": dict(num_key_value_heads=1, head_dim=24),  # q/k norms; head_dim != hidden / heads
 }

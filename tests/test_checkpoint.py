@@ -10,17 +10,8 @@ import sys
 import pytest
 
 from checkpoint import load_pretrained
-from conftest import ENV, ROOT, make_ckpt, one_line_error, run
+from conftest import DISTILL_ARGS, ENV, ROOT, one_line_error, run
 
-# the distill run of test_train_distributed.py: a sharp teacher, lambda 0.5 with seq-KD
-DISTILL = ["--batch-size", "16", "--max-new-tokens", "8", "--eval-n", "8", "--eval-every", "0", "--warmup", "1",
-           "--lmbda", "0.5", "--seq-kd", "--lr", "3e-3"]
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    return make_ckpt(d / "teacher", 1, 2, sharpen=20.0), make_ckpt(d / "student", 2, 2)
 
 
 KILL_DURING_SAVE = """
@@ -39,10 +30,11 @@ train.main(sys.argv[1:])
 """
 
 
-def test_kill_during_save_keeps_previous_checkpoint(ckpts, tmp_path):
-    teacher, student = ckpts
+def test_kill_during_save_keeps_previous_checkpoint(sharp_ckpts, tmp_path):
+    teacher, student = sharp_ckpts
     out = str(tmp_path / "run")
-    args = ["--teacher", teacher, "--student", student, "--out", out, "--steps", "4", "--save-every", "2", *DISTILL]
+    args = ["--teacher", teacher, "--student", student, "--out", out, "--steps", "4", "--save-every", "2",
+            *DISTILL_ARGS]
     r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(root=ROOT), *args], capture_output=True,
                        text=True, cwd=ROOT, env=ENV, timeout=300)
     assert r.returncode == 9, r.stderr[-2000:]
@@ -53,8 +45,8 @@ def test_kill_during_save_keeps_previous_checkpoint(ckpts, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 4
 
 
-def test_eval_bad_checkpoints(ckpts, tmp_path):
-    _, ck = ckpts
+def test_eval_bad_checkpoints(sharp_ckpts, tmp_path):
+    _, ck = sharp_ckpts
     assert "does not exist" in one_line_error(run("eval_countdown.py", str(tmp_path / "missing"), check=False))
     bad = tmp_path / "bad"
     shutil.copytree(ck, bad)
@@ -90,7 +82,8 @@ def test_hf_layout_round_trip_and_a_pruned_student_load_in_transformers(tmp_path
     ours = load_pretrained(str(tmp_path / "src"))
     ids, valid = left_pad([[5, 6, 7], [9, 1, 2, 3, 4, 8]], 0)
     for name, model in (("whole", ours), ("pruned", keep_layers(ours, [0, 2]))):
-        save_pretrained(model.state_dict(), model.cfg, str(tmp_path / name), side_files=side_files(str(tmp_path / "src")))
+        save_pretrained(model.state_dict(), model.cfg, str(tmp_path / name),
+                        side_files=side_files(str(tmp_path / "src")))
         with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
             assert "lm_head.weight" not in f.keys()
         ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / name), dtype=torch.float32).eval()

@@ -244,3 +244,22 @@ def test_a_hf_student_made_and_saved_by_train_loads_in_transformers(chat_tokeniz
     assert not torch.equal(start.blocks[1].fc.weight, ours.blocks[1].fc.weight)
     assert AutoTokenizer.from_pretrained(saved).apply_chat_template([{"role": "user", "content": "hi"}],
                                                                     add_generation_prompt=True, tokenize=False)
+
+
+def test_val_rkl_is_the_students_reverse_kl_on_its_own_samples(ckpts, tmp_path):
+    """The start-of-run val_rkl against an independent computation: the student samples the held-out prompts
+    with the eval's seed, both models run a plain full forward, and the per-token KL(p_S || p_T) is averaged
+    over the sampled tokens."""
+    teacher, student = ckpts
+    out = str(tmp_path / "run")
+    run_main(["--teacher", teacher, "--student", student, "--out", out, "--steps", "1", *FAST])
+    got = rows(out)[0]["student_val_rkl_before"]
+    tok, s, t = load_tokenizer(), load_pretrained(student), load_pretrained(teacher)
+    ids, valid = left_pad([prompt_ids(tok, a, b) for a, b, _ in load_split("val")[:8]], tok.token_to_id(PAD))
+    b = generate(s, ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD), temperature=1.0,
+                 generator=torch.Generator().manual_seed(train.rollout_seed(0, -1, 0)))
+    with torch.no_grad():
+        m = b.mask[:, 1:]
+        want = per_token_divergence(s(b.tokens, b.pos, b.valid)[:, :-1][m], t(b.tokens, b.pos, b.valid)[:, :-1][m],
+                                    "rkl").mean().item()
+    assert got == pytest.approx(want, rel=1e-5)

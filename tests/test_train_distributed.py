@@ -11,18 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT, make_ckpt, run, script_cmd
+from conftest import DISTILL_ARGS, ENV, ROOT, run, script_cmd
 
-# a teacher with sharp distributions and a different student; lambda 0.5 with seq-KD exercises both
-# samplers (student and teacher) and both halves of the batch
-DISTILL = ["--batch-size", "16", "--max-new-tokens", "8", "--eval-n", "8", "--eval-every", "0", "--warmup", "1",
-           "--lmbda", "0.5", "--seq-kd", "--lr", "3e-3"]
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    return make_ckpt(d / "teacher", 1, 2, sharpen=20.0), make_ckpt(d / "student", 2, 2)
 
 
 def losses(out):
@@ -37,15 +27,15 @@ def final_weights(out, step):
 
 @pytest.mark.parametrize("loss,extra", [("jsd", []), ("sampled", ["--lmbda", "1"]),
                                         ("jsd", ["--samples-per-prompt", "2"])])
-def test_two_processes_compute_what_one_does(ckpts, tmp_path, loss, extra):
+def test_two_processes_compute_what_one_does(sharp_ckpts, tmp_path, loss, extra):
     """With 2 samples per prompt, one process prefills each prompt once for its two rows (rollout and
     teacher); each of 2 processes holds one row of every prompt (rows r::2) and shares nothing."""
-    teacher, student = ckpts
+    teacher, student = sharp_ckpts
     outs = {}
     for n in (1, 2):
         outs[n] = str(tmp_path / f"np{n}")
         run("train.py", "--teacher", teacher, "--student", student, "--out", outs[n], "--steps", "4",
-            "--loss", loss, *DISTILL, *extra, nproc=n)
+            "--loss", loss, *DISTILL_ARGS, *extra, nproc=n)
     one, two = losses(outs[1]), losses(outs[2])
     lmbda = float(extra[extra.index("--lmbda") + 1]) if "--lmbda" in extra else 0.5
     assert [r[0] for r in one] == [1, 2, 3, 4] and [r[2] for r in two] == [lmbda] * 4
@@ -64,9 +54,9 @@ def test_two_processes_compute_what_one_does(ckpts, tmp_path, loss, extra):
         assert json.load(f)["world_size"] == 2
 
 
-def test_sigkill_then_resume_is_bit_identical(ckpts, tmp_path):
-    teacher, student = ckpts
-    args = ["--teacher", teacher, "--student", student, "--steps", "8", "--save-every", "2", *DISTILL]
+def test_sigkill_then_resume_is_bit_identical(sharp_ckpts, tmp_path):
+    teacher, student = sharp_ckpts
+    args = ["--teacher", teacher, "--student", student, "--steps", "8", "--save-every", "2", *DISTILL_ARGS]
     ref = str(tmp_path / "ref")
     run("train.py", "--out", ref, *args)
     out = str(tmp_path / "killed")
@@ -90,12 +80,12 @@ def test_sigkill_then_resume_is_bit_identical(ckpts, tmp_path):
     assert losses(out) == losses(ref)  # one record per step: the steps logged after the kill were dropped
 
 
-def test_torchrun_restart_resumes_by_itself(ckpts, tmp_path):
+def test_torchrun_restart_resumes_by_itself(sharp_ckpts, tmp_path):
     """What `torchrun --max-restarts` does after a failure: the same command again, with
     TORCHELASTIC_RESTART_COUNT > 0; the job continues from `latest` without --resume."""
-    teacher, student = ckpts
+    teacher, student = sharp_ckpts
     out = str(tmp_path / "run")
-    args = ["--teacher", teacher, "--student", student, "--out", out, "--save-every", "2", *DISTILL]
+    args = ["--teacher", teacher, "--student", student, "--out", out, "--save-every", "2", *DISTILL_ARGS]
     run("train.py", *args, "--steps", "2")
     env = dict(ENV, TORCHELASTIC_RESTART_COUNT="1")
     r = run("train.py", *args, "--steps", "4", check=False, env=env)
