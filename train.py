@@ -20,8 +20,8 @@ warm start). Each model's Countdown format comes with its checkpoint (chat.py, d
 codebase's char models read "3 7 13>88:" and answer a step list; a chat model reads its chat template and
 answers <answer>expression</answer> + its end-of-turn token (give it --max-new-tokens 64-256).
 
-One code path for 1 and N processes: the models are sharded with FSDP2 (fully_shard per block, then the
-root) over gloo on CPU or nccl on CUDA, also when there is a single process. The global batch does not
+One code path for 1 and N processes: the models are sharded with FSDP2 (distributed.py) over gloo on CPU
+or nccl on CUDA, also when there is a single process. The global batch does not
 depend on the number of processes: each step's problems are drawn by a generator seeded with (seed,
 step), rank r takes rows r::world, and sampling noise is drawn per global row (rollout.generate), so N
 processes sample and compute what one does.
@@ -37,7 +37,6 @@ import random
 import resource
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +48,7 @@ from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pr
                         resolve_checkpoint, restore, save_checkpoint, side_files)
 from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
 from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
+from distributed import all_sum, decoding, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
 from losses import (LOSSES, distill_advantage, divergence_loss, divergence_sum, policy_gradient_loss,
                     token_logprobs)
@@ -159,59 +159,6 @@ def parse_args(argv=None):
 def fail(msg):
     print(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-# ------------------------------------------------------------------------------------------ distributed
-
-def setup_dist(device_arg):
-    """Process group for 1 or N processes (torchrun sets RANK/WORLD_SIZE); returns (rank, world, device)."""
-    cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but CUDA is not available")
-    backend = "nccl" if cuda else "gloo"
-    if "RANK" in os.environ:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, device_id=device if cuda else None)
-    else:  # plain `python train.py`: a group of one, so the FSDP code path is the same
-        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def shard(model, device):
-    """FSDP2: each block is one all-gather unit, the root holds the embedding, final norm and head. On CUDA
-    the parameters are gathered in bf16 and gradients reduced in fp32 (the fp32 master weights stay
-    sharded); the losses upcast one chunk of positions at a time. CPU runs fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-@contextmanager
-def decoding(model):
-    """Keep FSDP's blocks unsharded between decode steps, or every token re-gathers every block."""
-    fsdp = hasattr(model, "set_reshard_after_forward")
-    if fsdp:
-        model.set_reshard_after_forward(False)
-    try:
-        yield
-    finally:
-        if fsdp:
-            model.set_reshard_after_forward(True)
-
-
-def all_sum(x, device):
-    t = torch.tensor(float(x), device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
 
 # ---------------------------------------------------------------------------------------------- the step
 
@@ -577,7 +524,10 @@ def main(argv=None):
     except OSError as e:
         fail(f"cannot write to run directory {args.out}: {e.strerror}")
 
-    rank, world, device = setup_dist(args.device)
+    try:
+        rank, world, device = setup_dist(args.device)
+    except ValueError as e:
+        fail(str(e))
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     n_on = round(args.lmbda * args.batch_size) if distill else 0  # on-policy rows of every step (parse_args: whole)

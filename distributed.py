@@ -1,0 +1,63 @@
+"""How the processes share the work: one process group for 1 or N processes, FSDP2 sharding, sums over ranks.
+
+The sharding policy is chosen here, once, outside the model: every block is one FSDP unit, the root holds
+the embedding, final norm and head; bf16 parameters with fp32 gradient reduction on CUDA, fp32 on CPU.
+A plain `python train.py` is a group of one, so the code path is the same for 1 and N processes.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def setup_dist(device_arg):
+    """Process group for 1 or N processes (torchrun sets RANK/WORLD_SIZE); returns (rank, world, device)."""
+    cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    else:  # plain `python train.py`: a group of one, so the FSDP code path is the same
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(model, device):
+    """FSDP2: each block is one all-gather unit, the root holds the embedding, final norm and head. On CUDA
+    the parameters are gathered in bf16 and gradients reduced in fp32 (the fp32 master weights stay
+    sharded); the losses upcast one chunk of positions at a time. CPU runs fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+@contextmanager
+def decoding(model):
+    """Keep FSDP's blocks unsharded between decode steps, or every token re-gathers every block."""
+    fsdp = hasattr(model, "set_reshard_after_forward")
+    if fsdp:
+        model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        if fsdp:
+            model.set_reshard_after_forward(True)
+
+
+def all_sum(x, device):
+    t = torch.tensor(float(x), device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
