@@ -30,7 +30,7 @@ What is measured, each the median of --repeats runs after one warm-up:
   what bounds  each part of the lambda = 1 step again, its matmul and attention kernels alone (kernel_floor:
                recorded below autograd, replayed back to back on random tensors of the same shapes), so the
                MFU the part would have if its norms, GELU, rotary, copies, sampling and Python were free.
-FLOPs are counted from the shapes of what is computed (flops_forward: logits only where the loss reads
+FLOPs are counted from the shapes of what is computed (flops.py: logits only where the loss reads
 them; with --samples-per-prompt > 1 one prefill per distinct prompt); MFU = (FLOPs / time) / the fp32 (or
 bf16) matmul peak measured in the same run on a big square matmul (best of 10). Peak memory: CUDA
 max_memory_allocated per section; CPU the process's max RSS (getrusage), which only grows, read at the end
@@ -51,52 +51,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from data.countdown import TOKENIZER_PATH, CharFormat, load_tokenizer
+from flops import flops_forward, flops_generate, flops_score, flops_train, matmul_params
 from model import GPT, GPTConfig, distinct_rows, positions_from_valid, prefill
 from rollout import generate, left_pad, sample_token
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
-def matmul_params(cfg):
-    """Weights that multiply activations: per block qkv (3 d^2), proj (d^2), fc and fc_out (2 d d_mlp), plus
-    the output head (d V). Not counted: the embedding (a lookup) and the RMSNorm gains (no matmul); the
-    non-embedding parameter count is this + (2 n_layer + 1) d."""
-    d = cfg.d_model
-    return cfg.n_layer * (4 * d * d + 2 * d * cfg.d_mlp) + d * cfg.vocab_size
-
-
-def flops_forward(cfg, batch, q_len, k_start=0, n_out=None):
-    """Matmul FLOPs of one forward of `batch` rows of `q_len` tokens each, appended after `k_start` tokens
-    already in a KV cache (k_start = 0: a plain causal forward of q_len tokens), with logits for the last
-    `n_out` columns only (GPT.forward's out_from = q_len - n_out; default: every column).
-
-        linear:    2 * batch * (n_layer * 3 d^2 * q_len                       (q, k, v of every column)
-                                + (n_layer - 1) * (d^2 + 2 d d_mlp) * q_len   (proj + MLP, all but the last block)
-                                + (d^2 + 2 d d_mlp + d V) * n_out)            (the last block's proj + MLP, the head)
-        attention: 2 * 2 * d_model * pairs                                    (q.k^T and att.v, all heads together)
-
-    pairs counts the (query, key) pairs a causal model needs: query i (0-based) sees k_start + i + 1 keys
-    (the cache and itself); every block has all q_len queries but the last, which has the last n_out. Masked
-    pairs that a kernel may compute anyway are not counted. Softmax, norms, GELU, rotary and the loss are
-    left out (a few percent at these shapes); a backward pass is 2x its forward."""
-    n_out = q_len if n_out is None else n_out
-    d, L = cfg.d_model, cfg.n_layer
-    rest = d * d + 2 * d * cfg.d_mlp
-    linear = 2 * batch * (L * 3 * d * d * q_len + (L - 1) * rest * q_len + (rest + d * cfg.vocab_size) * n_out)
-    pairs = lambda q0: batch * sum(k_start + i + 1 for i in range(q0, q_len))  # noqa: E731  queries q0..q_len-1
-    return linear + 4 * d * ((L - 1) * pairs(0) + pairs(q_len - n_out))
-
-
-def flops_generate(cfg, batch, prompt_len, new_tokens, prefill_rows=None):
-    """rollout.generate: one prefill of the prompts (of prefill_rows distinct ones, default batch), then
-    new_tokens - 1 one-token steps of every row (the last sampled token is not fed back); step t attends
-    over the prompt_len + t filled slots and itself."""
-    return (flops_forward(cfg, prefill_rows or batch, prompt_len, n_out=1)
-            + sum(flops_forward(cfg, batch, 1, prompt_len + t) for t in range(new_tokens - 1)))
-
-
 def flops_no_cache(cfg, batch, prompt_len, new_tokens):
     """generate_no_cache: new_tokens full causal forwards of length prompt_len, prompt_len + 1, ..."""
     return sum(flops_forward(cfg, batch, prompt_len + i) for i in range(new_tokens))
+
+
+def step_flops(scfg, tcfg, B, P, N, K, lmbda):
+    """The parts of a distill step's FLOPs on bench's shapes: B rows, prompts of P tokens (K distinct ones),
+    N completion tokens each; the student samples them at lambda = 1 and is given them at lambda = 0."""
+    fl = dict(rollout=flops_generate(scfg, B, P, N, K) if lmbda else 0, teacher=flops_score(tcfg, B, P, P + N, K),
+              student=flops_train(scfg, B, P + N, n_out=N + 1), optimizer=0)
+    return fl | dict(step=sum(fl.values()))
+
 
 # -------------------------------------------------------------------------------------------- helpers
 
@@ -328,7 +300,7 @@ def main(argv=None):
         """Each part of a lambda step as a function that runs it again on one step's tensors (for kernel_floor),
         built from the same functions train_step calls."""
         run = run_for(share)
-        batch = train.make_batch(0, rows[lmbda], student, teacher, run)
+        batch, _ = train.make_batch(0, rows[lmbda], student, teacher, run)
         n_tok = batch.mask.sum().item()
         t_logits, _ = train.teacher_scores(teacher, batch, rows[lmbda], 0, run)
 
@@ -347,13 +319,7 @@ def main(argv=None):
     mem["distill"] = train.peak_mem_mb(device)
     steps = {}
     for name, (lmbda, share) in variants.items():
-        K = B // S if share else B  # rows the prompts are prefilled for
-        roll = flops_generate(scfg, B, P, N, K)
-        teach = (flops_forward(tcfg, K, P, n_out=1) + flops_forward(tcfg, B, N, k_start=P) if K < B
-                 else flops_forward(tcfg, B, P + N, n_out=N + 1))
-        fl = dict(rollout=roll if lmbda else 0, teacher=teach,
-                  student=3 * flops_forward(scfg, B, P + N, n_out=N + 1), optimizer=0)
-        fl["step"] = sum(fl.values())
+        fl = step_flops(scfg, tcfg, B, P, N, B // S if share else B, lmbda)  # K: rows the prompts are prefilled for
         steps[f"step_{name}"] = {k: dict(s=s, gflop=fl[k] / 1e9, mfu=fl[k] / s / (peak * 1e9))
                                  for k, s in times[name].items()}
 

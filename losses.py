@@ -14,6 +14,9 @@ rescaling). On each completion token:
              logprob of x; its value at p_S = p_old is the per-token reverse-KL estimate, its gradient in
              expectation is the gradient of KL(p_S || p_T) (see tests/test_losses.py)
 
+RL (train.py --stage rl) is the same policy gradient with a sequence-level advantage from the verifier's
+reward (reward_advantage) in place of the teacher's log-ratio; distillation plus reward adds the two.
+
 One normalisation for every loss: the sum over the completion tokens of the optimizer step divided by
 their count (`n_tokens`, all micro-batches and ranks), never a per-sequence mean.
 Teachers with another tokenizer: crosstok.py.
@@ -167,6 +170,19 @@ def distill_advantage(t_logprobs, old_logprobs):
     """On-policy distillation as RL: the per-token advantage log p_T(x_t) - log p_old(x_t) (detached), the
     negative of the sampled reverse-KL estimate. A reward-based advantage would take its place in RL."""
     return (t_logprobs - old_logprobs).detach()
+
+
+def reward_advantage(rewards, group_size, norm="mean"):
+    """RL's advantage, one per row: rewards [B] of groups of group_size consecutive rows (one prompt's
+    samples). mean: the reward minus its group's mean (a baseline that costs no critic); std: that over the
+    group's std as well (GRPO; a group of equal rewards gets 0); none: the reward itself (REINFORCE)."""
+    if norm == "none":
+        return rewards
+    g = rewards.view(-1, group_size)
+    a = g - g.mean(1, keepdim=True)
+    if norm == "std":
+        a = a / (g.std(1, keepdim=True, correction=0) + 1e-6)
+    return a.flatten()
 
 
 def policy_gradient_loss(s_logprobs, old_logprobs, adv, mask, n_tokens):

@@ -50,9 +50,10 @@ from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
 from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
 from distributed import all_sum, decoding, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
+from flops import flops_generate, flops_score, flops_train
 from losses import (LOSSES, distill_advantage, divergence_loss, divergence_sum, policy_gradient_loss,
-                    token_logprobs)
-from model import GPT, GPTConfig, keep_layers, num_params
+                    reward_advantage, token_logprobs)
+from model import GPT, GPTConfig, distinct_rows, keep_layers, num_params
 from rollout import generate, left_pad, pack
 from teacher import check_same_tokenizer, load_teacher, score
 
@@ -63,12 +64,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SFT and on-policy distillation on Countdown")
-    p.add_argument("--stage", default="distill", choices=["sft", "distill"])
+    p.add_argument("--stage", default="distill", choices=["sft", "distill", "rl"])
     p.add_argument("--out", default=None, help="run directory (default runs/<stage>-<loss>-l<lmbda>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     # models
-    p.add_argument("--student", default=None, help="initial student checkpoint (distill default: checkpoints/student;"
-                   " sft default: a fresh model of the shape below)")
+    p.add_argument("--student", default=None, help="initial student checkpoint (distill and rl default: "
+                   "checkpoints/student; sft default: a fresh model of the shape below)")
     p.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill)")
     p.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
                    "blocks of --student only (a Python slice, e.g. 0::3: every third layer of a teacher copy)")
@@ -94,6 +95,11 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
                    "chat model's <answer> needs more: 64-256")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
+    # RL, and distillation plus reward
+    p.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
+                   "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
+    p.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
+                   "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
     p.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
                    "(0 = as many as fit 2^24 logits: one chunk for the char vocabulary)")
     # optimisation
@@ -114,21 +120,22 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tokenizer", default=TOKENIZER_PATH)
     args = p.parse_args(argv)
-    sft = args.stage == "sft"
+    sft, rl = args.stage == "sft", args.stage == "rl"
     for name, dflt in (("steps", (1000, 800)), ("batch_size", (256, 64)), ("lr", (2e-3, 2e-4)),
                        ("warmup", (100, 20)), ("eval_every", (250, 200))):
         if getattr(args, name) is None:
             setattr(args, name, dflt[0] if sft else dflt[1])
-    if args.student is None and not sft:
+    if args.student is None and not sft:  # distill and rl start from the shipped student
         args.student = os.path.join(ROOT, "checkpoints", "student")
     if args.out is None:
-        args.out = os.path.join("runs", f"sft-s{args.seed}" if sft else f"{args.loss}-l{args.lmbda:g}-s{args.seed}")
+        name = f"{args.loss}-l{args.lmbda:g}" if args.stage == "distill" else args.stage
+        args.out = os.path.join("runs", f"{name}-s{args.seed}")
     for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "save_every", "keep", "max_new_tokens",
                  "samples_per_prompt"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("lmbda", "beta", "temperature", "loss_temperature", "uld_weight", "lr", "min_lr_frac",
-                 "weight_decay", "grad_clip", "max_minutes"):
+                 "weight_decay", "grad_clip", "max_minutes", "reward_weight"):
         if not math.isfinite(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if args.lr <= 0 or not 0 <= args.min_lr_frac <= 1 or args.warmup < 0 or args.eval_every < 0:
@@ -136,19 +143,27 @@ def parse_args(argv=None):
     if not 0 <= args.lmbda <= 1:
         p.error(f"--lmbda must be in [0, 1], got {args.lmbda}")
     n_on = args.lmbda * args.batch_size
-    if not sft and abs(n_on - round(n_on)) > 1e-9:  # so the on-policy fraction is lambda in every batch
+    if args.stage == "distill" and abs(n_on - round(n_on)) > 1e-9:  # so the on-policy fraction is lambda in every batch
         lo, hi = math.floor(n_on), math.ceil(n_on)
         p.error(f"--lmbda {args.lmbda} x --batch-size {args.batch_size} = {n_on:g} rows is not a whole number; "
                 f"use --lmbda {lo / args.batch_size:g} ({lo} rows) or {hi / args.batch_size:g} ({hi})")
-    if args.loss == "sampled" and not sft and args.lmbda != 1:
+    if args.loss == "sampled" and args.stage == "distill" and args.lmbda != 1:
         p.error("--loss sampled needs --lmbda 1: its p_old is the distribution the student sampled from, and "
                 "off-policy rows were not sampled by the student")
     if args.loss == "jsd" and not 0 < args.beta < 1:
         p.error(f"--beta must be in (0, 1) for jsd, got {args.beta} (the GKD JSD vanishes at 0 and 1)")
     if args.temperature < 0 or args.loss_temperature <= 0 or args.top_k < 0:
         p.error("need --temperature >= 0, --loss-temperature > 0, --top-k >= 0")
-    if args.loss == "sampled" and (args.temperature != 1 or args.top_k):
-        p.error("--loss sampled needs the student's own distribution: --temperature 1 and no --top-k")
+    if (args.loss == "sampled" or rl) and (args.temperature != 1 or args.top_k):
+        p.error(f"--{'stage rl' if rl else 'loss sampled'} needs the student's own distribution: --temperature 1 "
+                "and no --top-k")
+    if args.reward_weight < 0:
+        p.error(f"--reward-weight must be >= 0, got {args.reward_weight}")
+    if args.reward_weight and (args.stage != "distill" or args.loss != "sampled"):
+        p.error("--reward-weight needs --stage distill --loss sampled: it adds to that loss's per-token advantage")
+    if (rl or args.reward_weight) and args.adv_norm != "none" and args.samples_per_prompt < 2:
+        p.error(f"--adv-norm {args.adv_norm} compares a prompt's samples: it needs --samples-per-prompt >= 2 "
+                "(or --adv-norm none)")
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
@@ -215,9 +230,9 @@ def rollout_seed(seed, step, stream):
 
 
 def sample(model, prompts, run, step, stream):
-    """(completions, their logprobs) as lists, sampled from `model` for this rank's share of the step's rows
-    of a stream (0: the student's on-policy rows, 1: the teacher's seq-KD rows). Seeded by (seed, step,
-    stream) on every rank and drawn per global row, so N processes sample what one process does."""
+    """(completions, their logprobs, the FLOPs it took) as lists, sampled from `model` for this rank's share
+    of the step's rows of a stream (0: the student's on-policy rows, 1: the teacher's seq-KD rows). Seeded by
+    (seed, step, stream) on every rank and drawn per global row, so N processes sample what one does."""
     args = run.args
     g = torch.Generator(run.device).manual_seed(rollout_seed(args.seed, step, stream))
     ids, valid = left_pad(prompts, run.pad, run.device)
@@ -226,20 +241,49 @@ def sample(model, prompts, run, step, stream):
         batch = generate(model, ids, valid, args.max_new_tokens, run.eos, run.pad, temperature=args.temperature,
                          top_k=args.top_k or None, generator=g, rows=range(run.rank, n_rows, run.world),
                          n_rows=n_rows, share_prompts=run.share_prompts)
-    return batch.completions(), batch.completion_logprobs()
+    P = ids.size(1)
+    flops = flops_generate(model.cfg, len(ids), P, batch.tokens.size(1) - P, prefill_rows(ids, valid, run.share_prompts))
+    return batch.completions(), batch.completion_logprobs(), flops
+
+
+def prefill_rows(ids, valid, share):
+    """The rows a prefill runs (rollout.generate, teacher.score): one per distinct prompt when shared."""
+    return len(distinct_rows(ids, valid)[0]) if share else len(ids)
 
 
 def make_batch(step, rows, model, teacher, run):
-    """The step's batch: the student's rollouts of the on-policy rows (which come first), then the
-    off-policy rows' completions: ground truth, or the teacher's samples with --seq-kd."""
+    """(the step's batch, the FLOPs its sampling took): the student's rollouts of the on-policy rows (which
+    come first), then the off-policy rows' completions: ground truth, or the teacher's samples with --seq-kd."""
     on, off = [r for r in rows if r.on_policy], [r for r in rows if not r.on_policy]
-    completions, logprobs = sample(model, [r.prompt for r in on], run, step, 0) if on else ([], [])
+    completions, logprobs, flops = sample(model, [r.prompt for r in on], run, step, 0) if on else ([], [], 0)
     if off and run.args.seq_kd:
-        completions += sample(teacher, [r.prompt for r in off], run, step, 1)[0]
+        t_completions, _, t_flops = sample(teacher, [r.prompt for r in off], run, step, 1)
+        completions, flops = completions + t_completions, flops + t_flops
     else:
         completions += [r.answer for r in off]
-    return pack([r.prompt for r in on + off], completions, run.pad, run.device,
-                logprobs=logprobs + [None] * len(off), on_policy=[True] * len(on) + [False] * len(off))
+    batch = pack([r.prompt for r in on + off], completions, run.pad, run.device,
+                 logprobs=logprobs + [None] * len(off), on_policy=[True] * len(on) + [False] * len(off))
+    return batch, flops
+
+
+def rewards(batch, rows, run):
+    """The Countdown verifier's reward per row [B]: 1 for a completion that ended (an eos id) and reaches
+    the target with every number once, else 0 (data/countdown.py; never eval)."""
+    out = []
+    for r, comp in zip(rows, batch.completions()):
+        ended = len(comp) > 0 and comp[-1] in run.fmt.eos_ids
+        numbers, target, _ = r.problem
+        out.append(float(ended and run.fmt.verify(numbers, target, run.fmt.decode(comp[:-1] if ended else comp))))
+    return torch.tensor(out, device=run.device)
+
+
+def step_reward_advantage(reward, run):
+    """This rank's rows' reward advantage (losses.reward_advantage). A prompt's samples are consecutive
+    global rows and rank r holds rows r::world, so the step's rewards are gathered first."""
+    full = torch.zeros(len(reward) * run.world, device=run.device)
+    full[run.rank::run.world] = reward
+    dist.all_reduce(full)
+    return reward_advantage(full, run.args.samples_per_prompt, run.args.adv_norm)[run.rank::run.world]
 
 
 def teacher_scores(teacher, batch, rows, step, run):
@@ -262,12 +306,13 @@ def student_logits(model, batch, c, autocast):
         return model(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1]
 
 
-def distill_loss(s_logits, t_logits, batch, cb, n_tok, run):
+def distill_loss(s_logits, t_logits, batch, cb, n_tok, run, reward_adv=None):
     """(the loss, the student's reverse KL to the teacher summed over its own samples' tokens, for the log).
 
     Same tokenizer: the divergence over the full vocabularies, or the sampled estimator (a policy gradient
-    with the teacher's log-ratio as advantage and the rollout's logprobs as p_old). Across tokenizers:
-    crosstok.cross_tokenizer_loss, and the reverse KL is its sequence-level sample estimate."""
+    with the teacher's log-ratio as advantage and the rollout's logprobs as p_old), plus --reward-weight x
+    the rows' reward advantage when given. Across tokenizers: crosstok.cross_tokenizer_loss, and the reverse
+    KL is its sequence-level sample estimate."""
     args, on_rows = run.args, batch.on_policy
     if cb is not None:
         loss, s_span_lp, t_span_lp = cross_tokenizer_loss(
@@ -279,12 +324,22 @@ def distill_loss(s_logits, t_logits, batch, cb, n_tok, run):
     if args.loss == "sampled":
         s_lp, old_lp = token_logprobs(s_logits, tgt), batch.logprobs[:, c:]
         adv = distill_advantage(token_logprobs(t_logits, tgt), old_lp)
+        if reward_adv is not None:
+            adv = adv + args.reward_weight * reward_adv[:, None]
         loss = policy_gradient_loss(s_lp, old_lp, adv, m, n_tok)
     else:
         loss = divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta, args.loss_temperature,
                                args.chunk_size)
     on = m & on_rows[:, None]
     return loss, divergence_sum(s_logits, t_logits, on, "rkl", chunk_size=args.chunk_size)
+
+
+def rl_loss(s_logits, batch, reward_adv, n_tok):
+    """The policy gradient of distill_loss's sampled estimator with the reward's advantage on every token of
+    a row in place of the teacher's log-ratio."""
+    c = batch.prompt_len
+    s_lp, old_lp = token_logprobs(s_logits, batch.tokens[:, c:]), batch.logprobs[:, c:]
+    return policy_gradient_loss(s_lp, old_lp, reward_adv[:, None], batch.mask[:, c:], n_tok)
 
 
 def sft_loss(s_logits, batch, n_tok, chunk_size=0):
@@ -294,8 +349,8 @@ def sft_loss(s_logits, batch, n_tok, chunk_size=0):
 
 
 def train_step(step, rows, model, teacher, optimizer, run):
-    """One optimizer step on this rank's rows (teacher None: SFT). Returns the step's metrics, summed over
-    ranks, and the seconds each part took."""
+    """One optimizer step on this rank's rows (teacher None: SFT or RL). Returns the step's metrics, summed
+    over ranks, its FLOPs (flops.py) and the seconds each part took."""
     args, times = run.args, {}
     t = time.perf_counter()
 
@@ -304,20 +359,27 @@ def train_step(step, rows, model, teacher, optimizer, run):
         run.sync()
         times[part], t = time.perf_counter() - t, time.perf_counter()
 
-    batch = make_batch(step, rows, model, teacher, run)
+    batch, flops = make_batch(step, rows, model, teacher, run)
     n_tok = all_sum(batch.mask.sum().item(), run.device)  # completion tokens of the whole step, all ranks
+    # the verifier on the student's samples (bench.py's synthetic rows have no problem to verify)
+    reward = rewards(batch, rows, run) if batch.on_policy.any() and rows[0].problem else None
+    reward_adv = step_reward_advantage(reward, run) if args.stage == "rl" or args.reward_weight else None
     lap("rollout")
     # logits only where a loss reads them: predictions of completion tokens (across tokenizers the spans
     # index the whole layout)
     c = 1 if run.cross else batch.prompt_len
     t_logits, cb = teacher_scores(teacher, batch, rows, step, run) if teacher is not None else (None, None)
+    flops += teacher_flops(teacher, batch, cb, run) if teacher is not None else 0
     lap("teacher")
     s_logits = student_logits(model, batch, c, run.autocast)
-    if teacher is None:
+    if args.stage == "sft":
         loss, rkl = sft_loss(s_logits, batch, n_tok, args.chunk_size), None
+    elif args.stage == "rl":
+        loss, rkl = rl_loss(s_logits, batch, reward_adv, n_tok), None
     else:
-        loss, rkl = distill_loss(s_logits, t_logits, batch, cb, n_tok, run)
+        loss, rkl = distill_loss(s_logits, t_logits, batch, cb, n_tok, run, reward_adv)
     (loss * run.world).backward()  # FSDP averages gradients over ranks; the loss is already per step token
+    flops += flops_train(model.cfg, *batch.tokens.shape, n_out=batch.tokens.size(1) - c + 1)
     lap("student")
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     for group in optimizer.param_groups:
@@ -325,16 +387,32 @@ def train_step(step, rows, model, teacher, optimizer, run):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lap("optimizer")
+    n_on = all_sum(batch.on_policy.sum().item(), run.device)
     out = dict(loss=all_sum(loss.item(), run.device), lr=lr_at(step, args), grad_norm=float(gnorm),
-               tokens=all_sum(batch.valid.sum().item(), run.device), times=times)
+               tokens=all_sum(batch.valid.sum().item(), run.device), flops=all_sum(flops, run.device),
+               samples=n_on, times=times)
+    if reward is not None:  # the verifier on the student's own samples
+        out["reward"] = all_sum(reward.sum().item(), run.device) / n_on
     if teacher is not None:  # what the student does on its own samples
         n_on_tok = all_sum((batch.mask & batch.on_policy[:, None]).sum().item(), run.device)
-        out |= dict(on_policy_frac=all_sum(batch.on_policy.sum().item(), run.device) / args.batch_size,
+        out |= dict(on_policy_frac=n_on / args.batch_size,
                     student_rkl=all_sum(rkl.item(), run.device) / n_on_tok if n_on_tok else None,
                     completion_len=n_tok / args.batch_size)
         if cb is not None:  # share of completion tokens in spans of one token on each side
             out["one_to_one_frac"] = all_sum(cb.one_to_one.sum().item(), run.device) / n_tok
     return out
+
+
+def teacher_flops(teacher, batch, cb, run):
+    """FLOPs of teacher_scores: teacher.score of the completion region (prompts prefilled once when shared),
+    or across tokenizers a forward of the teacher's whole layout."""
+    if cb is not None:
+        B, T = cb.teacher.tokens.shape
+        return flops_score(teacher.cfg, B, 1, T)
+    P = batch.prompt_len
+    share = run.share_prompts and P > 1
+    return flops_score(teacher.cfg, len(batch.tokens), P, batch.tokens.size(1),
+                       prefill_rows(batch.tokens[:, :P], batch.valid[:, :P], share))
 
 
 def lr_at(step, args):
@@ -372,7 +450,7 @@ def evaluate_rkl(model, teacher, problems, run):
     total, count, B = 0.0, 0, run.args.batch_size
     with torch.no_grad():
         for i in range(0, len(rows), B):  # step -1, -2, ...: sampling noise no training step uses
-            batch = make_batch(-1 - i // B, rows[i:i + B][run.rank::run.world], model, teacher, run)
+            batch, _ = make_batch(-1 - i // B, rows[i:i + B][run.rank::run.world], model, teacher, run)
             t_logits, _ = teacher_scores(teacher, batch, None, -1, run)
             s_logits = student_logits(model, batch, batch.prompt_len, run.autocast)
             m = batch.mask[:, batch.prompt_len:]
@@ -530,7 +608,8 @@ def main(argv=None):
         fail(str(e))
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    n_on = round(args.lmbda * args.batch_size) if distill else 0  # on-policy rows of every step (parse_args: whole)
+    # on-policy rows of every step (parse_args: lambda x batch is whole); RL samples every row
+    n_on = {"sft": 0, "rl": args.batch_size, "distill": round(args.lmbda * args.batch_size)}[args.stage]
     if n_on % args.samples_per_prompt or n_on % world:
         fail(f"--lmbda * --batch-size = {n_on} on-policy rows is not a multiple of --samples-per-prompt "
              f"{args.samples_per_prompt} and of the {world} processes")
@@ -547,11 +626,12 @@ def main(argv=None):
               (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if distill else ""))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
-    start, t_train = 0, 0.0
+    start, t_train, flops, samples = 0, 0.0, 0.0, 0  # the compute axis: training time, FLOPs, student samples
     if resume_state is not None:
         msd, state = resume_state
         restore(model, optimizer, msd, state["optimizer"])
         start, t_train = state["step"], state.get("train_seconds", 0.0)
+        flops, samples = state.get("flops", 0.0), state.get("samples", 0)
     if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=1)
@@ -568,17 +648,20 @@ def main(argv=None):
     # cut shorter, e.g. to fit a cross-tokenizer teacher's context; chat models get --max-new-tokens
     eval_tokens = max(24, args.max_new_tokens)
     summary, before, after = {}, [], []
-    if distill and start == 0:  # where the student starts, and where the teacher is
-        summary["teacher_test_accuracy"] = evaluate(teacher, t_fmt, test, rank, world, device, eval_tokens)["accuracy"]
+    if start == 0:  # where the student starts, and where the teacher is
+        if distill:
+            summary["teacher_test_accuracy"] = evaluate(teacher, t_fmt, test, rank, world, device,
+                                                        eval_tokens)["accuracy"]
         summary["student_test_accuracy_before"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
                                                            before)["accuracy"]
-        summary["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
+        if distill:
+            summary["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
         log(dict(step=0, **summary))
         if rank == 0:
-            print(f"test accuracy: teacher {summary['teacher_test_accuracy']:.3f}, "
-                  f"student before {summary['student_test_accuracy_before']:.3f}"
-                  + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary["student_val_rkl_before"]))
-    elif distill and rank == 0:  # resumed: the start-of-run accuracies were logged at step 0
+            print("test accuracy: " + (f"teacher {summary['teacher_test_accuracy']:.3f}, " if distill else "")
+                  + f"student before {summary['student_test_accuracy_before']:.3f}"
+                  + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary.get("student_val_rkl_before")))
+    elif rank == 0:  # resumed: the start-of-run accuracies were logged at step 0
         with open(os.path.join(args.out, "metrics.jsonl")) as f:
             summary = {k: v for rec in map(json.loads, f) if rec["step"] == 0 for k, v in rec.items() if k != "step"}
 
@@ -591,9 +674,12 @@ def main(argv=None):
             bar.close()
             fail(f"loss is {m['loss']} at step {step + 1}; stopping. The last good checkpoint is {args.out}/latest")
         dt = time.time() - t0
-        t_train += dt
+        t_train, flops, samples = t_train + dt, flops + m["flops"], samples + m["samples"]
         last = dict(step=step + 1, loss=round(m["loss"], 5), lr=m["lr"], grad_norm=round(m["grad_norm"], 4),
-                    tokens_per_s=round(m["tokens"] / dt), minutes=round(t_train / 60, 3))
+                    tokens_per_s=round(m["tokens"] / dt), minutes=round(t_train / 60, 3), flops=flops,
+                    samples=samples)
+        if "reward" in m:
+            last["reward"] = round(m["reward"], 4)
         if distill:
             last |= dict(on_policy_frac=m["on_policy_frac"],
                          student_rkl=None if m["student_rkl"] is None else round(m["student_rkl"], 5),
@@ -618,20 +704,20 @@ def main(argv=None):
                           f" ({t_train / 60:.1f} min)")
         if (step + 1) % args.save_every == 0 or done:
             save_checkpoint(args.out, model, optimizer, step + 1, files[0],
-                            dict(train_seconds=t_train, args=vars(args)), args.keep, side=files[1:])
+                            dict(train_seconds=t_train, flops=flops, samples=samples, args=vars(args)), args.keep,
+                            side=files[1:])
             # the next one copies them from this one: --keep may delete the checkpoint a resumed run started from
             files = text_files(latest_checkpoint(args.out), args.tokenizer)
         if done:
             break
     bar.close()
-    if distill:
-        summary["student_test_accuracy_after"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
-                                                          after)["accuracy"]
-        log(dict(step=last.get("step", start), **summary))
-        if rank == 0:
-            for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
-                print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
-            print(f"test accuracy: student after {summary['student_test_accuracy_after']:.3f}")
+    summary["student_test_accuracy_after"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
+                                                      after)["accuracy"]
+    log(dict(step=last.get("step", start), **summary))
+    if rank == 0:
+        for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
+            print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
+        print(f"test accuracy: student after {summary['student_test_accuracy_after']:.3f}")
     if rank == 0:
         print(json.dumps(dict(out=args.out, **last, **summary, peak_mem_mb=round(peak_mem_mb(device)))))
     dist.barrier()  # no rank tears the group down while another still talks to it

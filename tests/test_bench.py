@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import (KernelRecorder, flops_forward, flops_generate, flops_no_cache, generate_no_cache, kernel_floor,
-                   matmul_params)
+from bench import KernelRecorder, flops_no_cache, generate_no_cache, kernel_floor
+from flops import flops_forward, flops_generate, flops_score, matmul_params
 from conftest import ROOT, tiny_model
 from rollout import generate, left_pad
 
@@ -57,10 +57,14 @@ def test_matmul_params_are_the_linear_weights():
     assert non_embedding - linear == (2 * model.cfg.n_layer + 1) * model.cfg.d_model  # the RMSNorm gains
 
 
+LLAMA = BENCH | dict(arch="llama", n_head=4, n_kv_head=2, head_dim=12, mlp="swiglu", qkv_bias=True)  # GQA, SwiGLU
+
+
+@pytest.mark.parametrize("cfg", [BENCH, LLAMA], ids=["gpt", "llama"])
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (2, 16)])
 @torch.no_grad()
-def test_forward_flops_match_counted(monkeypatch, B, T):
-    model = tiny_model(**BENCH).eval()
+def test_forward_flops_match_counted(monkeypatch, B, T, cfg):
+    model = tiny_model(**cfg).eval()
     c = Counter(model, monkeypatch)
     model(torch.randint(4, 23, (B, T)))
     assert c.linear == 2 * matmul_params(model.cfg) * B * T  # the formula's matmul part
@@ -160,6 +164,10 @@ def test_shared_prompt_teacher_flops_match_counted(monkeypatch):
     c = Counter(model, monkeypatch)
     score(model, b, start=P)
     assert c.total == flops_forward(model.cfg, K, P, n_out=1) + flops_forward(model.cfg, B, N, k_start=P)
+    assert c.total == flops_score(model.cfg, B, P, P + N, prefill_rows=K)
+    c.linear = c.attention = 0
+    score(model, b, start=P, share_prompts=False)
+    assert c.total == flops_score(model.cfg, B, P, P + N) > flops_score(model.cfg, B, P, P + N, prefill_rows=K)
 
 
 def test_a_failing_kernel_replay_leaves_the_timings(monkeypatch, capsys):

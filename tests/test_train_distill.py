@@ -109,7 +109,7 @@ def test_seq_kd_rows_are_teacher_samples(ckpts, tmp_path, monkeypatch):
     packed = []
     real_make_batch = train.make_batch
     monkeypatch.setattr(train, "make_batch", lambda step, rows, *a: (
-        lambda b: step == 0 and packed.append(([r.prompt for r in rows], b.completions())) or b)(
+        lambda b: step == 0 and packed.append(([r.prompt for r in rows], b[0].completions())) or b)(
         real_make_batch(step, rows, *a)))
     run_main(["--teacher", teacher, "--student", student, "--out", str(tmp_path / "run"), "--lmbda", "0.5",
               "--seq-kd", "--steps", "1", *FAST])

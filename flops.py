@@ -1,0 +1,69 @@
+"""Matmul FLOPs counted from shapes: the compute axis of train.py's logs and the numerator of bench.py's MFU.
+
+Only the matmuls (the linears and attention's q.k^T and att.v) are counted; softmax, norms, activations,
+rotary and the loss are left out (a few percent at the shapes here). A backward pass is 2x its forward.
+Counted per row as computed, padding included: what the hardware does, not what the text needed.
+"""
+
+
+def matmul_params(cfg):
+    """Weights that multiply activations: per block q, k, v (grouped-query: k and v have kv_heads heads), the
+    output projection and the MLP (2 matrices, 3 for SwiGLU), plus the output head (d V). Not counted: the
+    embedding (a lookup), the norms' gains and the biases."""
+    return cfg.n_layer * _block_params(cfg) + cfg.d_model * cfg.vocab_size
+
+
+def _qkv_params(cfg):
+    return cfg.d_model * (cfg.n_head + 2 * cfg.kv_heads) * cfg.hd
+
+
+def _rest_params(cfg):  # the output projection and the MLP: the part of a block that runs only for kept columns
+    return cfg.n_head * cfg.hd * cfg.d_model + (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_mlp
+
+
+def _block_params(cfg):
+    return _qkv_params(cfg) + _rest_params(cfg)
+
+
+def flops_forward(cfg, batch, q_len, k_start=0, n_out=None):
+    """Matmul FLOPs of one forward of `batch` rows of `q_len` tokens each, appended after `k_start` tokens
+    already in a KV cache (k_start = 0: a plain causal forward of q_len tokens), with logits for the last
+    `n_out` columns only (GPT.forward's out_from = q_len - n_out; default: every column).
+
+        linear:    2 * batch * (n_layer * qkv * q_len                        (q, k, v of every column)
+                                + (n_layer - 1) * rest * q_len               (proj + MLP, all but the last block)
+                                + (rest + d V) * n_out)                      (the last block's proj + MLP, the head)
+        attention: 2 * 2 * n_head * head_dim * pairs                         (q.k^T and att.v, all heads)
+
+    pairs counts the (query, key) pairs a causal model needs: query i (0-based) sees k_start + i + 1 keys
+    (the cache and itself); every block has all q_len queries but the last, which has the last n_out. Masked
+    pairs that a kernel may compute anyway are not counted."""
+    n_out = q_len if n_out is None else n_out
+    L, rest = cfg.n_layer, _rest_params(cfg)
+    linear = 2 * batch * (L * _qkv_params(cfg) * q_len + (L - 1) * rest * q_len
+                          + (rest + cfg.d_model * cfg.vocab_size) * n_out)
+    pairs = lambda q0: batch * sum(k_start + i + 1 for i in range(q0, q_len))  # noqa: E731  queries q0..q_len-1
+    return linear + 4 * cfg.n_head * cfg.hd * ((L - 1) * pairs(0) + pairs(q_len - n_out))
+
+
+def flops_generate(cfg, batch, prompt_len, new_tokens, prefill_rows=None):
+    """rollout.generate: one prefill of the prompts (of prefill_rows distinct ones, default batch), then
+    new_tokens - 1 one-token steps of every row (the last sampled token is not fed back); step t attends
+    over the prompt_len + t filled slots and itself."""
+    return (flops_forward(cfg, prefill_rows or batch, prompt_len, n_out=1)
+            + sum(flops_forward(cfg, batch, 1, prompt_len + t) for t in range(new_tokens - 1)))
+
+
+def flops_score(cfg, batch, prompt_len, length, prefill_rows=None):
+    """teacher.score of the completion region of `batch` rows of `length` tokens: one forward with logits
+    from the last prompt column on, or, with prompts shared (prefill_rows distinct ones < batch), their
+    prefill and then every row's completion on top of its copy of the cache."""
+    if prefill_rows and prefill_rows < batch:
+        return (flops_forward(cfg, prefill_rows, prompt_len, n_out=1)
+                + flops_forward(cfg, batch, length - prompt_len, k_start=prompt_len))
+    return flops_forward(cfg, batch, length, n_out=length - prompt_len + 1)
+
+
+def flops_train(cfg, batch, length, n_out):
+    """A student forward + backward of `batch` rows of `length` tokens, logits for the last n_out columns."""
+    return 3 * flops_forward(cfg, batch, length, n_out=n_out)

@@ -1,0 +1,155 @@
+"""The RL arm and distillation plus reward (train.py --stage rl, --reward-weight): the policy gradient
+against REINFORCE written by hand, a zero gradient when a group's rewards are equal, the hybrid at weight 0
+against the sampled loss bit for bit, the logged FLOPs against bench.py's count, and bad input."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+import train
+from conftest import make_ckpt, run, tiny_model
+from data.countdown import CharFormat, load_split, load_tokenizer
+from losses import reward_advantage
+from rollout import Batch, generate, left_pad
+
+
+def by_hand_advantage(rewards, k, norm):
+    out = []
+    for i in range(0, len(rewards), k):
+        g = rewards[i:i + k]
+        mean = sum(g) / k
+        std = (sum((r - mean) ** 2 for r in g) / k) ** 0.5
+        out += [r if norm == "none" else (r - mean) / (std + 1e-6 if norm == "std" else 1) for r in g]
+    return out
+
+
+@pytest.mark.parametrize("norm", ["mean", "std", "none"])
+def test_rl_gradient_is_reinforce_by_hand(norm):
+    """d loss / d logits[b, t] = -A_b m_bt (onehot(x_bt) - softmax(logits_bt)) / n_tok, in float64."""
+    torch.manual_seed(0)
+    B, P, T, V, k = 6, 2, 5, 7, 3
+    logits = torch.randn(B, T, V, requires_grad=True)
+    tokens = torch.randint(V, (B, P + T))
+    lengths = torch.tensor([5, 3, 1, 4, 5, 2])
+    mask = torch.zeros(B, P + T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, P:P + n] = True
+    old = torch.zeros(B, P + T)
+    old[:, P:] = F.log_softmax(logits.detach(), -1).gather(-1, tokens[:, P:, None]).squeeze(-1)
+    batch = Batch(tokens, torch.ones_like(mask), mask, P, old, torch.ones(B, dtype=torch.bool))
+    rewards = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    adv = reward_advantage(torch.tensor(rewards), k, norm)
+    assert adv.tolist() == pytest.approx(by_hand_advantage(rewards, k, norm), abs=1e-6)
+    n_tok = int(lengths.sum())
+    train.rl_loss(logits, batch, adv, n_tok).backward()
+
+    x = tokens[:, P:]
+    a = torch.tensor(by_hand_advantage(rewards, k, norm), dtype=torch.float64)
+    p = torch.softmax(logits.detach().double(), -1)
+    ref = -(a[:, None, None] * mask[:, P:, None] * (F.one_hot(x, V).double() - p)) / n_tok
+    torch.testing.assert_close(logits.grad.double(), ref, rtol=1e-5, atol=1e-7)
+    assert logits.grad.abs().sum() > 0
+
+
+def sampled_batch(model, k=4, n_prompts=2, n_new=6):
+    tok = load_tokenizer()
+    fmt = CharFormat(tok)
+    prompts = [fmt.prompt_ids(n, t) for n, t, _ in load_split("train")[:n_prompts] for _ in range(k)]
+    ids, valid = left_pad(prompts, fmt.pad_id)
+    with torch.no_grad():
+        return generate(model, ids, valid, n_new, fmt.eos_ids, fmt.pad_id, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("norm", ["mean", "std"])
+@pytest.mark.parametrize("reward", [0.0, 1.0])
+def test_equal_rewards_give_zero_gradient(norm, reward):
+    model = tiny_model()
+    batch = sampled_batch(model)
+    adv = reward_advantage(torch.full((len(batch.tokens),), reward), 4, norm)
+    s_logits = train.student_logits(model, batch, batch.prompt_len, False)
+    train.rl_loss(s_logits, batch, adv, batch.mask.sum()).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    # and unequal rewards move it
+    model.zero_grad()
+    adv = reward_advantage(torch.tensor([1.0, 0, 0, 0, 0, 0, 1, 1]), 4, norm)
+    train.rl_loss(train.student_logits(model, batch, batch.prompt_len, False), batch, adv,
+                  batch.mask.sum()).backward()
+    assert sum(torch.count_nonzero(p.grad) for p in model.parameters()) > 0
+
+
+def test_hybrid_at_reward_weight_zero_is_the_sampled_loss_exactly():
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2)
+    batch = sampled_batch(student)
+    with torch.no_grad():
+        t_logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=batch.prompt_len - 1)[:, :-1]
+    n_tok = batch.mask.sum()
+    reward_adv = reward_advantage(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), 4, "std")
+
+    def loss_and_grads(weight, adv):
+        args = train.parse_args(["--loss", "sampled", "--reward-weight", str(weight), "--samples-per-prompt", "4",
+                                 "--out", os.devnull])
+        run = train.Run(args, None, None, False, None, 0, 1, torch.device("cpu"), 0, 2, False)
+        student.zero_grad()
+        s_logits = train.student_logits(student, batch, batch.prompt_len, False)
+        loss, _ = train.distill_loss(s_logits, t_logits, batch, None, n_tok, run, adv)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.parameters()]
+
+    plain, g_plain = loss_and_grads(0, None)
+    hybrid0, g0 = loss_and_grads(0, reward_adv)
+    assert torch.equal(plain, hybrid0) and all(torch.equal(a, b) for a, b in zip(g_plain, g0))
+    hybrid1, g1 = loss_and_grads(1, reward_adv)  # the reward term is live: it changes the loss by its own PG
+    c = batch.prompt_len
+    pg = train.rl_loss(train.student_logits(student, batch, c, False), batch, reward_adv, n_tok)
+    torch.testing.assert_close(hybrid1, plain + pg.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_logged_step_flops_equal_bench_count(monkeypatch):
+    """train_step's FLOPs, counted from the batch it built (prompt length, decode steps, distinct prompts),
+    equal bench.py's count from its nominal shapes, for every step bench.py times."""
+    seen = []
+    real = train.train_step
+
+    def spy(step, rows, model, teacher, optimizer, run):
+        out = real(step, rows, model, teacher, optimizer, run)
+        seen.append((model.cfg, teacher.cfg, run.share_prompts, out["on_policy_frac"], out["flops"]))
+        return out
+    monkeypatch.setattr(train, "train_step", spy)
+    B, P, N, S = 4, 5, 3, 2
+    bench.main(["--student-layers", "1", "--student-width", "16", "--student-heads", "2", "--teacher-layers", "2",
+                "--teacher-width", "32", "--teacher-heads", "2", "--batch-size", str(B), "--prompt-len", str(P),
+                "--new-tokens", str(N), "--samples-per-prompt", str(S), "--repeats", "1", "--matmul-size", "64"])
+    assert {(share, lmbda) for *_, share, lmbda, _ in seen} == {(True, 1), (True, 0), (False, 1)}
+    for scfg, tcfg, share, lmbda, flops in seen:
+        assert flops == bench.step_flops(scfg, tcfg, B, P, N, B // S if share else B, lmbda)["step"]
+
+
+def test_rl_run_logs_reward_flops_and_samples(tmp_path):
+    ckpt = make_ckpt(tmp_path / "student", 2, 1)
+    out = tmp_path / "rl"
+    run("train.py", "--stage", "rl", "--student", ckpt, "--samples-per-prompt", "4", "--adv-norm", "std",
+        "--batch-size", "8", "--max-new-tokens", "6", "--steps", "2", "--eval-n", "8", "--eval-every", "0",
+        "--warmup", "0", "--out", str(out))
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    steps = [x for x in recs if "loss" in x]
+    assert [x["samples"] for x in steps] == [8, 16]  # every row sampled by the student, cumulative
+    assert 0 < steps[0]["flops"] < steps[1]["flops"] and all(0 <= x["reward"] <= 1 for x in steps)
+    assert "student_test_accuracy_after" in recs[-1]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--stage", "rl"], "--adv-norm mean compares a prompt's samples"),
+    (["--stage", "rl", "--adv-norm", "std", "--samples-per-prompt", "1"], "--adv-norm std compares"),
+    (["--loss", "sampled", "--reward-weight", "-0.5"], "--reward-weight must be >= 0"),
+    (["--loss", "rkl", "--reward-weight", "1"], "--reward-weight needs --stage distill --loss sampled"),
+    (["--stage", "rl", "--samples-per-prompt", "4", "--temperature", "0.7"], "needs the student's own distribution"),
+])
+def test_bad_rl_input_fails_with_one_line(tmp_path, argv, msg):
+    r = run("train.py", *argv, "--out", str(tmp_path / "x"), check=False)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "x")
