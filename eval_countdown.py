@@ -4,6 +4,8 @@
     python eval_countdown.py runs/sft --split val --n 200         # a run directory: its latest checkpoint
     python eval_countdown.py CKPT --sample-temperature 1.0 --samples 4   # plus sampled accuracy
     python eval_countdown.py --table runs/sweep/rkl-l*/           # Markdown table of distillation runs
+    python eval_countdown.py --study runs/study/*/ --reach 0.3    # any stage, with compute to reach 30% val
+    python eval_countdown.py --plot runs/study/*/ --out docs/study.png   # val accuracy vs steps, FLOPs, minutes
     python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
 
 The checkpoint's Countdown format comes with it (chat.load_chat, data.countdown.countdown_format): the
@@ -15,6 +17,7 @@ is one JSON object.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -101,6 +104,131 @@ def run_table(run_dirs):
     return "\n".join(lines)
 
 
+def load_run(d):
+    """A run directory as a dict: arm (the directory name without its -s<seed>), seed, args, test accuracy
+    before / after and the teacher's (None where not logged), and its val curve: (step, val accuracy,
+    cumulative FLOPs, training minutes, student samples) at every eval."""
+    try:
+        with open(os.path.join(d, "args.json")) as f:
+            a = json.load(f)
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            recs = [json.loads(line) for line in f]
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d}: not a run directory ({e})")
+    first = {k: v for r in recs if r.get("step") == 0 for k, v in r.items()}
+    after = [r["student_test_accuracy_after"] for r in recs if "student_test_accuracy_after" in r]
+    at = {r["step"]: r for r in recs if "loss" in r}  # the training record of each step
+    start = dict(flops=0.0, minutes=0.0, samples=0)
+    curve = [(r["step"], r["val_accuracy"]) + tuple(at.get(r["step"], start).get(k, 0) for k in start)
+             for r in recs if "val_accuracy" in r]
+    name = os.path.basename(os.path.normpath(d))
+    return dict(arm=re.sub(r"-s\d+$", "", name), seed=a.get("seed"), args=a, curve=curve,
+                before=first.get("student_test_accuracy_before"), teacher=first.get("teacher_test_accuracy"),
+                after=after[-1] if after else None)
+
+
+def load_arms(run_dirs):
+    """Runs grouped by arm, in the order given; ValueError unless every run logged a val accuracy."""
+    arms = {}
+    for d in run_dirs:
+        r = load_run(d)
+        if not any(acc is not None for _, acc, *_ in r["curve"]):
+            raise ValueError(f"{d}: no val accuracy in metrics.jsonl (give runs with --eval-every > 0 or finished)")
+        arms.setdefault(r["arm"], []).append(r)
+    return arms
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def mean_curve(runs):
+    """The seeds' val curves averaged at the eval steps they share: [(step, mean acc, std acc, mean FLOPs,
+    mean minutes, mean samples)]."""
+    steps = set.intersection(*({c[0] for c in r["curve"] if c[1] is not None} for r in runs))
+    out = []
+    for step in sorted(steps):
+        pts = [next(c for c in r["curve"] if c[0] == step) for r in runs]
+        m, sd = mean_std([p[1] for p in pts])
+        out.append((step, m, sd) + tuple(sum(p[i] for p in pts) / len(pts) for i in (2, 3, 4)))
+    return out
+
+
+def study_table(run_dirs, reach=None):
+    """Markdown table of a study's arms (any stage), seeds pooled: final test accuracy (mean +- sample std),
+    the share of the teacher gap it recovered, its compute, and (reach) the FLOPs, minutes and student samples
+    at which the seeds' mean val accuracy first reached `reach`: a fraction, or an arm's name for that arm's
+    final mean val accuracy."""
+    arms = load_arms(run_dirs)
+    if reach is not None:
+        try:
+            reach = float(reach)
+        except ValueError:
+            if reach not in arms:
+                raise ValueError(f"--reach {reach}: neither a fraction nor one of the arms {', '.join(arms)}")
+            reach = mean_curve(arms[reach])[-1][1]
+    teachers = [r["teacher"] for rs in arms.values() for r in rs if r["teacher"] is not None]
+    teacher = sum(teachers) / len(teachers) if teachers else None
+    head = "| arm | seeds | steps | test acc | gap recovered | TFLOP | min | samples |"
+    if reach is not None:
+        head += f" TFLOP to {100 * reach:.1f}% | min to it | samples to it |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for arm, rs in arms.items():
+        if any(r["after"] is None for r in rs):
+            raise ValueError(f"{arm}: a run has no final test accuracy (is it finished?)")
+        m, sd = mean_std([r["after"] for r in rs])
+        start = sum(r["before"] for r in rs) / len(rs) if all(r["before"] is not None for r in rs) else None
+        gap = f"{(m - start) / (teacher - start):+.2f}" if teacher is not None and start is not None else "-"
+        curve = mean_curve(rs)
+        _, _, _, fl, mins, n = curve[-1]
+        row = (f"| {arm} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['args']['steps']} | "
+               f"{100 * m:.1f} +- {100 * sd:.1f} | {gap} | {fl / 1e12:.2f} | {mins:.1f} | {n:.0f} |")
+        if reach is not None:
+            hit = next((c for c in curve if c[1] >= reach), None)
+            row += (f" {hit[3] / 1e12:.2f} | {hit[4]:.1f} | {hit[5]:.0f} |" if hit else " not reached | - | - |")
+        lines.append(row)
+    if teacher is not None:
+        lines.append(f"\nteacher test accuracy {100 * teacher:.1f}% (greedy, 630 test problems); gap recovered = "
+                     "(after - before) / (teacher - before); TFLOP, min, samples: training compute (matmul FLOPs "
+                     "counted from shapes, flops.py; evals excluded), training minutes, student samples")
+    return "\n".join(lines)
+
+
+def plot_runs(run_dirs, out):
+    """Val accuracy against steps, FLOPs and training minutes: one line per arm (the seeds' mean) with a
+    band of +- one std over seeds; the teacher's test accuracy dashed where a run logged it."""
+    arms = load_arms(run_dirs)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)")
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), sharey=True)
+    xs = [("step", 0, "optimizer steps"), ("flops", 3, "training FLOPs (student + teacher, matmuls)"),
+          ("minutes", 4, "training minutes (1 thread)")]
+    for arm, rs in arms.items():
+        curve = mean_curve(rs)
+        for ax, (_, i, _) in zip(axes, xs):
+            x = [c[i] for c in curve]
+            m, sd = [c[1] for c in curve], [c[2] for c in curve]
+            line, = ax.plot(x, m, label=f"{arm} ({len(rs)} seeds)" if ax is axes[0] else None, lw=1.6)
+            ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                            color=line.get_color(), alpha=0.15, lw=0)
+    teachers = [r["teacher"] for rs in arms.values() for r in rs if r["teacher"] is not None]
+    for ax, (_, _, label) in zip(axes, xs):
+        if teachers:
+            ax.axhline(sum(teachers) / len(teachers), color="k", ls="--", lw=1)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val accuracy (307 held-out problems, greedy)")
+    fig.legend(loc="lower center", ncol=min(5, len(arms)), frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if len(arms) > 5 else 0.06, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_path=None, max_new_tokens=24):
     """Student rollouts with each token shaded by its per-token reverse KL to the teacher."""
     import html as html_lib
@@ -157,6 +285,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a Markdown table of these distill runs")
+    p.add_argument("--study", nargs="+", metavar="RUN_DIR", help="print a Markdown table of these runs of any stage, "
+                   "with their compute (seeds of an arm: the same directory name but -s<seed>)")
+    p.add_argument("--reach", help="with --study: also the compute at which an arm's mean val accuracy first "
+                   "reached this: a fraction (e.g. 0.3), or an arm's name for its final mean val accuracy")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot val accuracy against steps, FLOPs and minutes "
+                   "to --out (needs matplotlib)")
+    p.add_argument("--out", help="with --plot: the image file (e.g. docs/study.png)")
     p.add_argument("--show", metavar="CKPT", help="show student rollouts shaded by per-token KL to --teacher")
     p.add_argument("--teacher", help="teacher checkpoint for --show")
     p.add_argument("--html", help="with --show: also write an HTML file")
@@ -171,11 +306,20 @@ def main(argv=None):
     p.add_argument("--examples", type=int, default=5, help="examples to print")
     p.add_argument("--tokenizer", default=TOKENIZER_PATH, help="used when the checkpoint has no tokenizer.json")
     args = p.parse_args(argv)
-    if sum(x is not None for x in (args.ckpt, args.table, args.show)) != 1:
-        p.error("give one of: CKPT, --table RUN_DIR..., --show CKPT")
+    if sum(x is not None for x in (args.ckpt, args.table, args.study, args.plot, args.show)) != 1:
+        p.error("give one of: CKPT, --table RUN_DIR..., --study RUN_DIR..., --plot RUN_DIR... --out FILE, --show CKPT")
+    if args.plot and not args.out:
+        p.error("--plot needs --out FILE.png")
     try:
         if args.table:
             print(run_table(args.table))
+            return 0
+        if args.study:
+            print(study_table(args.study, args.reach))
+            return 0
+        if args.plot:
+            plot_runs(args.plot, args.out)
+            print(f"wrote {args.out}")
             return 0
         if args.show:
             if not args.teacher:

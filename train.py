@@ -387,7 +387,7 @@ def train_step(step, rows, model, teacher, optimizer, run):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lap("optimizer")
-    n_on = all_sum(batch.on_policy.sum().item(), run.device)
+    n_on = round(all_sum(batch.on_policy.sum().item(), run.device))
     out = dict(loss=all_sum(loss.item(), run.device), lr=lr_at(step, args), grad_norm=float(gnorm),
                tokens=all_sum(batch.valid.sum().item(), run.device), flops=all_sum(flops, run.device),
                samples=n_on, times=times)
@@ -656,14 +656,16 @@ def main(argv=None):
                                                            before)["accuracy"]
         if distill:
             summary["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
-        log(dict(step=0, **summary))
+        val_before = evaluate(model, fmt, val, rank, world, device, eval_tokens)["accuracy"]  # a curve's origin
+        log(dict(step=0, **summary, val_accuracy=val_before))
         if rank == 0:
             print("test accuracy: " + (f"teacher {summary['teacher_test_accuracy']:.3f}, " if distill else "")
                   + f"student before {summary['student_test_accuracy_before']:.3f}"
                   + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary.get("student_val_rkl_before")))
     elif rank == 0:  # resumed: the start-of-run accuracies were logged at step 0
         with open(os.path.join(args.out, "metrics.jsonl")) as f:
-            summary = {k: v for rec in map(json.loads, f) if rec["step"] == 0 for k, v in rec.items() if k != "step"}
+            summary = {k: v for rec in map(json.loads, f) if rec["step"] == 0 for k, v in rec.items()
+                       if k not in ("step", "val_accuracy")}
 
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
     last = {}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import make_ckpt
+from conftest import make_ckpt, run
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +43,64 @@ def test_show_prints_rollouts_and_html(ckpts, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert sum(l.startswith(("ok ", "BAD")) for l in out) == 3
     assert html.read_text().count("<div>") == 3 and "rkl" in html.read_text()
+
+
+def fake_run(root, name, seed, curve, before=0.2, after=0.4, teacher=None, steps=300):
+    """A run directory as train.py writes it: args.json and metrics.jsonl with a step record (loss, FLOPs,
+    minutes, samples) and a val record at every eval step of `curve` [(step, val acc, flops)]."""
+    d = root / f"{name}-s{seed}"
+    d.mkdir()
+    (d / "args.json").write_text(json.dumps(dict(seed=seed, steps=steps)))
+    recs = [dict(step=0, student_test_accuracy_before=before, val_accuracy=curve[0][1])
+            | ({} if teacher is None else dict(teacher_test_accuracy=teacher))]
+    for step, acc, flops in curve[1:]:
+        recs += [dict(step=step, loss=0.1, flops=flops, minutes=step / 100, samples=step * 8),
+                 dict(step=step, val_accuracy=acc)]
+    recs.append(dict(step=curve[-1][0], student_test_accuracy_after=after))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(d)
+
+
+def test_study_table_pools_seeds_and_finds_the_compute_to_reach(tmp_path):
+    import eval_countdown
+    dirs = [fake_run(tmp_path, "opd", 0, [(0, 0.2, 0), (100, 0.30, 1e12), (200, 0.40, 2e12)], after=0.5, teacher=0.8),
+            fake_run(tmp_path, "opd", 1, [(0, 0.2, 0), (100, 0.38, 3e12), (200, 0.50, 4e12)], after=0.6, teacher=0.8),
+            fake_run(tmp_path, "sft", 0, [(0, 0.2, 0), (100, 0.25, 5e12), (200, 0.33, 9e12)], after=0.3)]
+    table = eval_countdown.study_table(dirs, reach="sft")
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in table.splitlines()
+            if r.startswith("| opd") or r.startswith("| sft")}
+    # opd: mean 55.0 +- 7.1 (sample std of 50, 60), gap (0.55 - 0.2) / (0.8 - 0.2) = +0.58, last point 3 TFLOP
+    # mean, 2.0 min, 1600 samples; the sft arm ends at 0.33 val, which opd's mean curve (0.34 at step 100)
+    # first reaches at step 100: 2 TFLOP, 1.0 min, 800 samples
+    assert rows["opd"] == ["opd", "0,1", "300", "55.0 +- 7.1", "+0.58", "3.00", "2.0", "1600", "2.00", "1.0", "800"]
+    assert rows["sft"] == ["sft", "0", "300", "30.0 +- 0.0", "+0.17", "9.00", "2.0", "1600", "9.00", "2.0", "1600"]
+    assert "not reached" in eval_countdown.study_table(dirs, reach="0.5")
+    with pytest.raises(ValueError, match="neither a fraction nor one of the arms"):
+        eval_countdown.study_table(dirs, reach="rl")
+
+
+def test_plot_writes_an_image_and_refuses_runs_without_accuracy(tmp_path):
+    import eval_countdown
+    pytest.importorskip("matplotlib")  # a test dependency (requirements.txt): CI has it
+    dirs = [fake_run(tmp_path, "opd", s, [(0, 0.2, 0), (100, 0.3 + s / 10, 1e12), (200, 0.4, 2e12)], teacher=0.8)
+            for s in (0, 1)]
+    out = tmp_path / "study.png"
+    assert eval_countdown.main(["--plot", *dirs, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    empty = tmp_path / "sft-s0"
+    empty.mkdir()
+    (empty / "args.json").write_text(json.dumps(dict(seed=0, steps=10)))
+    (empty / "metrics.jsonl").write_text(json.dumps(dict(step=1, loss=0.3)) + "\n")
+    r = run("eval_countdown.py", "--plot", str(empty), "--out", str(tmp_path / "x.png"), check=False)
+    assert r.returncode == 2 and "no val accuracy" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+    import eval_countdown
+    d = fake_run(tmp_path, "opd", 0, [(0, 0.2, 0), (100, 0.3, 1e12)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert eval_countdown.main(["--plot", d, "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["eval_countdown.py: error: --plot needs matplotlib (pip install matplotlib)"]
