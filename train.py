@@ -1,10 +1,11 @@
-"""Training: on-policy distillation (the main job) and supervised fine-tuning on Countdown.
+"""Training: on-policy distillation (the main job), supervised fine-tuning and RL on Countdown.
 
     python train.py --stage distill                                 # shipped teacher -> shipped student
     python train.py --stage distill --lmbda 0.5 --loss jsd --beta 0.5 --seed 1 --out runs/jsd-l0.5-s1
     torchrun --standalone --nproc_per_node=2 train.py --stage distill --out runs/d2
     python train.py --stage sft --out runs/sft                      # a small model in minutes on CPU
     python train.py --stage sft --out runs/sft --resume             # continue from runs/sft/latest
+    python train.py --stage rl --samples-per-prompt 8 --lr 2e-5     # policy gradient on the verifier's reward
 
 main() sets up and then loops over train_step, which reads like the method:
   rows       the step's problems; the first lambda * batch rows are on-policy, the rest off-policy
@@ -16,7 +17,10 @@ main() sets up and then loops over train_step, which reads like the method:
   loss       the divergence (losses.py) summed over the step's completion tokens / their count
   update     backward, clip, AdamW
 SFT is the same step with cross-entropy on ground-truth answers (it trains the teacher and the student
-warm start). Each model's Countdown format comes with its checkpoint (chat.py, data/countdown.py): this
+warm start). RL is the same step with every row on-policy, no teacher, and the policy gradient of the
+sampled estimator with the verifier's reward advantage in place of the teacher's log-ratio (losses.py);
+--reward-weight adds that advantage to --loss sampled's: distillation plus reward. Every step logs its
+FLOPs (flops.py, from the shapes it ran), so that all of them can be drawn on one compute axis. Each model's Countdown format comes with its checkpoint (chat.py, data/countdown.py): this
 codebase's char models read "3 7 13>88:" and answer a step list; a chat model reads its chat template and
 answers <answer>expression</answer> + its end-of-turn token (give it --max-new-tokens 64-256).
 
@@ -70,7 +74,8 @@ def parse_args(argv=None):
     # models
     p.add_argument("--student", default=None, help="initial student checkpoint (distill and rl default: "
                    "checkpoints/student; sft default: a fresh model of the shape below)")
-    p.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill)")
+    p.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill, "
+                   "and sft --seq-kd)")
     p.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
                    "blocks of --student only (a Python slice, e.g. 0::3: every third layer of a teacher copy)")
     p.add_argument("--n-layer", type=int, default=4)
@@ -86,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
     p.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
                    "valid solution (fights memorising the small problem universe)")
-    p.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth")
+    p.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth "
+                   "(with --stage sft: SFT on teacher samples)")
     p.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
                    help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
                    "differ; off: refuse such a teacher)")
@@ -349,8 +355,8 @@ def sft_loss(s_logits, batch, n_tok, chunk_size=0):
 
 
 def train_step(step, rows, model, teacher, optimizer, run):
-    """One optimizer step on this rank's rows (teacher None: SFT or RL). Returns the step's metrics, summed
-    over ranks, its FLOPs (flops.py) and the seconds each part took."""
+    """One optimizer step on this rank's rows (teacher: None, or only a sampler for sft --seq-kd, unless
+    distilling). Returns the step's metrics, summed over ranks, its FLOPs (flops.py) and each part's seconds."""
     args, times = run.args, {}
     t = time.perf_counter()
 
@@ -368,8 +374,9 @@ def train_step(step, rows, model, teacher, optimizer, run):
     # logits only where a loss reads them: predictions of completion tokens (across tokenizers the spans
     # index the whole layout)
     c = 1 if run.cross else batch.prompt_len
-    t_logits, cb = teacher_scores(teacher, batch, rows, step, run) if teacher is not None else (None, None)
-    flops += teacher_flops(teacher, batch, cb, run) if teacher is not None else 0
+    distill = args.stage == "distill"
+    t_logits, cb = teacher_scores(teacher, batch, rows, step, run) if distill else (None, None)
+    flops += teacher_flops(teacher, batch, cb, run) if distill else 0
     lap("teacher")
     s_logits = student_logits(model, batch, c, run.autocast)
     if args.stage == "sft":
@@ -393,7 +400,7 @@ def train_step(step, rows, model, teacher, optimizer, run):
                samples=n_on, times=times)
     if reward is not None:  # the verifier on the student's own samples
         out["reward"] = all_sum(reward.sum().item(), run.device) / n_on
-    if teacher is not None:  # what the student does on its own samples
+    if distill:  # what the student does on its own samples
         n_on_tok = all_sum((batch.mask & batch.on_policy[:, None]).sum().item(), run.device)
         out |= dict(on_policy_frac=n_on / args.batch_size,
                     student_rkl=all_sum(rkl.item(), run.device) / n_on_tok if n_on_tok else None,
@@ -549,7 +556,7 @@ def load_models(args):
         fmt = countdown_format(load_chat(None, args.tokenizer))
         student = GPT(GPTConfig(vocab_size=fmt.tok.get_vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
                                 d_model=args.d_model, d_mlp=args.d_mlp))
-    if args.stage != "distill":
+    if args.stage == "rl" or (args.stage == "sft" and not args.seq_kd):  # no teacher
         return student, fmt, None, None, False, resume_state, text_files(init_path, args.tokenizer)
     teacher, t_fmt = load_teacher(args.teacher, args.tokenizer)
     same = fmt.tok.get_vocab() == t_fmt.tok.get_vocab()
@@ -614,7 +621,7 @@ def main(argv=None):
         fail(f"--lmbda * --batch-size = {n_on} on-policy rows is not a multiple of --samples-per-prompt "
              f"{args.samples_per_prompt} and of the {world} processes")
     model = shard(student.to(device), device)
-    teacher = shard(teacher.to(device), device) if distill else None
+    teacher = shard(teacher.to(device), device) if teacher is not None else None
     run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,
               device, fmt.pad_id, fmt.eos_ids, autocast=False)  # CUDA: bf16 through FSDP's policy (shard)
     if rank == 0 and cross and args.loss != "sampled":
@@ -623,7 +630,7 @@ def main(argv=None):
               " --loss sampled is the per-span policy gradient", file=sys.stderr)
     if rank == 0:
         print(f"student: {num_params(model) / 1e6:.3f}M params {model.cfg}" +
-              (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if distill else ""))
+              (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if teacher is not None else ""))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     start, t_train, flops, samples = 0, 0.0, 0.0, 0  # the compute axis: training time, FLOPs, student samples
@@ -649,7 +656,7 @@ def main(argv=None):
     eval_tokens = max(24, args.max_new_tokens)
     summary, before, after = {}, [], []
     if start == 0:  # where the student starts, and where the teacher is
-        if distill:
+        if teacher is not None:
             summary["teacher_test_accuracy"] = evaluate(teacher, t_fmt, test, rank, world, device,
                                                         eval_tokens)["accuracy"]
         summary["student_test_accuracy_before"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
@@ -659,7 +666,7 @@ def main(argv=None):
         val_before = evaluate(model, fmt, val, rank, world, device, eval_tokens)["accuracy"]  # a curve's origin
         log(dict(step=0, **summary, val_accuracy=val_before))
         if rank == 0:
-            print("test accuracy: " + (f"teacher {summary['teacher_test_accuracy']:.3f}, " if distill else "")
+            print("test accuracy: " + (f"teacher {summary['teacher_test_accuracy']:.3f}, " if teacher is not None else "")
                   + f"student before {summary['student_test_accuracy_before']:.3f}"
                   + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary.get("student_val_rkl_before")))
     elif rank == 0:  # resumed: the start-of-run accuracies were logged at step 0

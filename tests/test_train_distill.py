@@ -263,3 +263,28 @@ def test_val_rkl_is_the_students_reverse_kl_on_its_own_samples(ckpts, tmp_path):
         want = per_token_divergence(s(b.tokens, b.pos, b.valid)[:, :-1][m], t(b.tokens, b.pos, b.valid)[:, :-1][m],
                                     "rkl").mean().item()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_sft_seq_kd_trains_on_teacher_samples(ckpts, tmp_path, monkeypatch):
+    """--stage sft --seq-kd: every row's completion is the teacher's sample (stream 1 of the step's seed),
+    the loss is the student's cross-entropy on it, and the teacher is never asked to score."""
+    teacher, student = ckpts
+    packed, scored = [], []
+    real_make_batch = train.make_batch
+    monkeypatch.setattr(train, "make_batch", lambda step, rows, *a: (
+        lambda b: step == 0 and packed.append(([r.prompt for r in rows], b[0])) or b)(real_make_batch(step, rows, *a)))
+    monkeypatch.setattr(train, "teacher_scores", lambda *a: scored.append(1))
+    out = str(tmp_path / "run")
+    run_main(["--stage", "sft", "--seq-kd", "--teacher", teacher, "--student", student, "--out", out, "--steps", "1",
+              "--lr", "1e-3", *FAST])
+    prompts, batch = packed[0]
+    tok = load_tokenizer()
+    ids, valid = left_pad(prompts, tok.token_to_id(PAD))
+    g = torch.Generator().manual_seed(train.rollout_seed(0, 0, 1))
+    ref = generate(load_pretrained(teacher), ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD),
+                   temperature=1.0, generator=g)
+    assert batch.completions() == ref.completions() and not batch.on_policy.any() and scored == []
+    s_logits = train.student_logits(load_pretrained(student), batch, batch.prompt_len, False)
+    ce = train.sft_loss(s_logits, batch, batch.mask.sum().item()).item()
+    logged = [r for r in rows(out) if "loss" in r]
+    assert logged[0]["loss"] == pytest.approx(ce, rel=1e-5) and logged[0]["samples"] == 0
