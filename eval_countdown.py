@@ -4,7 +4,7 @@
     python eval_countdown.py runs/sft --split val --n 200         # a run directory: its latest checkpoint
     python eval_countdown.py CKPT --sample-temperature 1.0 --samples 4   # plus sampled accuracy
     python eval_countdown.py --table runs/sweep/rkl-l*/           # Markdown table of distillation runs
-    python eval_countdown.py --study runs/study/*/ --reach 0.3    # any stage, with compute to reach 30% val
+    python eval_countdown.py --study runs/study/*/ --reach 0.3 rl  # any stage; compute to reach 30% val, rl's final
     python eval_countdown.py --plot runs/study/*/ --out docs/study.png   # val accuracy vs steps, FLOPs, minutes
     python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
 
@@ -155,24 +155,25 @@ def mean_curve(runs):
     return out
 
 
-def study_table(run_dirs, reach=None):
+def study_table(run_dirs, reach=()):
     """Markdown table of a study's arms (any stage), seeds pooled: final test accuracy (mean +- sample std),
-    the share of the teacher gap it recovered, its compute, and (reach) the FLOPs, minutes and student samples
-    at which the seeds' mean val accuracy first reached `reach`: a fraction, or an arm's name for that arm's
-    final mean val accuracy."""
+    the share of the teacher gap it recovered, its compute, and for each `reach` the TFLOPs and minutes at
+    which the seeds' mean val accuracy first reached it: a fraction, or an arm's name for that arm's final
+    mean val accuracy."""
     arms = load_arms(run_dirs)
-    if reach is not None:
+    levels = []
+    for r in reach or ():
         try:
-            reach = float(reach)
+            levels.append((float(r), f"{100 * float(r):.1f}%"))
         except ValueError:
-            if reach not in arms:
-                raise ValueError(f"--reach {reach}: neither a fraction nor one of the arms {', '.join(arms)}")
-            reach = mean_curve(arms[reach])[-1][1]
+            if r not in arms:
+                raise ValueError(f"--reach {r}: neither a fraction nor one of the arms {', '.join(arms)}")
+            acc = mean_curve(arms[r])[-1][1]
+            levels.append((acc, f"{100 * acc:.1f}% ({r})"))
     teachers = [r["teacher"] for rs in arms.values() for r in rs if r["teacher"] is not None]
     teacher = sum(teachers) / len(teachers) if teachers else None
     head = "| arm | seeds | steps | test acc | gap recovered | TFLOP | min | samples |"
-    if reach is not None:
-        head += f" TFLOP to {100 * reach:.1f}% | min to it | samples to it |"
+    head += "".join(f" TFLOP / min to {name} |" for _, name in levels)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm, rs in arms.items():
         if any(r["after"] is None for r in rs):
@@ -184,9 +185,9 @@ def study_table(run_dirs, reach=None):
         _, _, _, fl, mins, n = curve[-1]
         row = (f"| {arm} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['args']['steps']} | "
                f"{100 * m:.1f} +- {100 * sd:.1f} | {gap} | {fl / 1e12:.2f} | {mins:.1f} | {n:.0f} |")
-        if reach is not None:
-            hit = next((c for c in curve if c[1] >= reach), None)
-            row += (f" {hit[3] / 1e12:.2f} | {hit[4]:.1f} | {hit[5]:.0f} |" if hit else " not reached | - | - |")
+        for level, _ in levels:
+            hit = next((c for c in curve if c[1] >= level), None)
+            row += f" {hit[3] / 1e12:.2f} / {hit[4]:.1f} |" if hit else " not reached |"
         lines.append(row)
     if teacher is not None:
         lines.append(f"\nteacher test accuracy {100 * teacher:.1f}% (greedy, 630 test problems); gap recovered = "
@@ -287,8 +288,9 @@ def main(argv=None):
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a Markdown table of these distill runs")
     p.add_argument("--study", nargs="+", metavar="RUN_DIR", help="print a Markdown table of these runs of any stage, "
                    "with their compute (seeds of an arm: the same directory name but -s<seed>)")
-    p.add_argument("--reach", help="with --study: also the compute at which an arm's mean val accuracy first "
-                   "reached this: a fraction (e.g. 0.3), or an arm's name for its final mean val accuracy")
+    p.add_argument("--reach", nargs="+", help="with --study: also the compute at which an arm's mean val accuracy "
+                   "first reached each of these: a fraction (e.g. 0.3), or an arm's name for its final mean val "
+                   "accuracy")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot val accuracy against steps, FLOPs and minutes "
                    "to --out (needs matplotlib)")
     p.add_argument("--out", help="with --plot: the image file (e.g. docs/study.png)")

@@ -66,17 +66,19 @@ def test_study_table_pools_seeds_and_finds_the_compute_to_reach(tmp_path):
     dirs = [fake_run(tmp_path, "opd", 0, [(0, 0.2, 0), (100, 0.30, 1e12), (200, 0.40, 2e12)], after=0.5, teacher=0.8),
             fake_run(tmp_path, "opd", 1, [(0, 0.2, 0), (100, 0.38, 3e12), (200, 0.50, 4e12)], after=0.6, teacher=0.8),
             fake_run(tmp_path, "sft", 0, [(0, 0.2, 0), (100, 0.25, 5e12), (200, 0.33, 9e12)], after=0.3)]
-    table = eval_countdown.study_table(dirs, reach="sft")
+    table = eval_countdown.study_table(dirs, reach=["sft"])
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in table.splitlines()
             if r.startswith("| opd") or r.startswith("| sft")}
     # opd: mean 55.0 +- 7.1 (sample std of 50, 60), gap (0.55 - 0.2) / (0.8 - 0.2) = +0.58, last point 3 TFLOP
     # mean, 2.0 min, 1600 samples; the sft arm ends at 0.33 val, which opd's mean curve (0.34 at step 100)
     # first reaches at step 100: 2 TFLOP, 1.0 min, 800 samples
-    assert rows["opd"] == ["opd", "0,1", "300", "55.0 +- 7.1", "+0.58", "3.00", "2.0", "1600", "2.00", "1.0", "800"]
-    assert rows["sft"] == ["sft", "0", "300", "30.0 +- 0.0", "+0.17", "9.00", "2.0", "1600", "9.00", "2.0", "1600"]
-    assert "not reached" in eval_countdown.study_table(dirs, reach="0.5")
+    assert rows["opd"] == ["opd", "0,1", "300", "55.0 +- 7.1", "+0.58", "3.00", "2.0", "1600", "2.00 / 1.0"]
+    assert rows["sft"] == ["sft", "0", "300", "30.0 +- 0.0", "+0.17", "9.00", "2.0", "1600", "9.00 / 2.0"]
+    two = eval_countdown.study_table(dirs, reach=["0.5", "0.2"]).splitlines()
+    assert "TFLOP / min to 50.0% | TFLOP / min to 20.0% |" in two[0]
+    assert two[2].endswith("| not reached | 0.00 / 0.0 |")  # opd: never 50% on average; 20% at step 0
     with pytest.raises(ValueError, match="neither a fraction nor one of the arms"):
-        eval_countdown.study_table(dirs, reach="rl")
+        eval_countdown.study_table(dirs, reach=["rl"])
 
 
 def test_plot_writes_an_image_and_refuses_runs_without_accuracy(tmp_path):
