@@ -27,12 +27,12 @@ import torch.nn.functional as F
 LOSSES = ("fkl", "rkl", "jsd", "sampled")
 
 
-CHUNK_ELEMENTS = 2 ** 24  # positions x vocabulary per chunk by default: 64 MB of fp32 temporaries
+CHUNK_ELEMENTS = 2 ** 22  # positions x vocabulary per chunk by default: 16 MB per fp32 temporary
 
 
 def chunk_rows(chunk_size, vocab):
     """Positions per chunk: chunk_size, or (0) as many as fit CHUNK_ELEMENTS (with a 23-token vocabulary
-    every batch is one chunk; with 152k, about 110 positions)."""
+    every batch is one chunk; with 152k, 27 positions)."""
     return chunk_size if chunk_size > 0 else max(1, CHUNK_ELEMENTS // vocab)
 
 

@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
                    "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
     p.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
-                   "(0 = as many as fit 2^24 logits: one chunk for the char vocabulary)")
+                   "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
     # optimisation
     p.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
     p.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
