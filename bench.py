@@ -38,10 +38,12 @@ of each section.
 The last stdout line is one JSON object.
 """
 import argparse
+import ctypes
 import json
 import os
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -51,9 +53,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from data.countdown import TOKENIZER_PATH, CharFormat, load_tokenizer
-from flops import flops_forward, flops_generate, flops_score, flops_train, matmul_params
-from model import GPT, GPTConfig, distinct_rows, positions_from_valid, prefill
+from flops import flops_forward, flops_fused_loss, flops_generate, flops_score, matmul_params
+from checkpoint import load_pretrained
+from losses import divergence_loss
+from model import GPT, GPTConfig, distinct_rows, keep_layers, num_params, positions_from_valid, prefill
 from rollout import generate, left_pad, sample_token
+from teacher import head_weight, load_teacher, score
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
@@ -65,8 +70,10 @@ def flops_no_cache(cfg, batch, prompt_len, new_tokens):
 def step_flops(scfg, tcfg, B, P, N, K, lmbda):
     """The parts of a distill step's FLOPs on bench's shapes: B rows, prompts of P tokens (K distinct ones),
     N completion tokens each; the student samples them at lambda = 1 and is given them at lambda = 0."""
-    fl = dict(rollout=flops_generate(scfg, B, P, N, K) if lmbda else 0, teacher=flops_score(tcfg, B, P, P + N, K),
-              student=flops_train(scfg, B, P + N, n_out=N + 1), optimizer=0)
+    fl = dict(rollout=flops_generate(scfg, B, P, N, K) if lmbda else 0,
+              teacher=flops_score(tcfg, B, P, P + N, K, head=False),  # its head runs in the student's fused loss
+              student=3 * flops_score(scfg, B, P, P + N, K, head=False) + flops_fused_loss(scfg, tcfg, B * N),
+              optimizer=0)
     return fl | dict(step=sum(fl.values()))
 
 
@@ -196,7 +203,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (meant for CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", help="a checkpoint directory (e.g. hf/smollm2-135m-instruct): benchmark real shapes "
+                   "(bench_checkpoints) instead of the reference workload")
+    p.add_argument("--student", help="with --teacher: the student's checkpoint directory")
+    p.add_argument("--student-keep-layers", default=None, metavar="START:STOP:STEP", help="with --student: keep "
+                   "these blocks (as train.py --keep-layers, e.g. 0::3)")
     args = p.parse_args(argv)
+    if bool(args.teacher) != bool(args.student):
+        p.error("--teacher and --student go together")
     if min(args.batch_size, args.prompt_len, args.repeats, args.samples_per_prompt) < 1 or args.new_tokens < 2:
         p.error("--batch-size, --prompt-len, --repeats and --samples-per-prompt must be >= 1, --new-tokens >= 2")
     if args.batch_size % args.samples_per_prompt:
@@ -205,6 +219,132 @@ def parse_args(argv=None):
         p.error("--device cuda: CUDA is not available")
     return args
 
+# --------------------------------------------------------------------------------- memory, on CPU too
+
+class PeakRSS:
+    """The process's resident set, sampled every 0.2 ms on a thread while the block runs: `above` is its peak
+    over its value at entry, in bytes (CPU has no allocator statistics; tensors of a few MB and more are
+    their own mmaps, which glibc gives back on free once the threshold below is fixed)."""
+
+    def __enter__(self):
+        self.page, self.stop = os.sysconf("SC_PAGE_SIZE"), threading.Event()
+        self.base = self.peak = self.rss()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(2e-4)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.above = max(self.peak, self.rss()) - self.base
+
+
+def fixed_mmap_threshold(nbytes=1 << 16):
+    """glibc raises its mmap threshold after frees (up to 32 MB), after which freed blocks stay in the heap
+    and the RSS no longer falls; a fixed threshold keeps big tensors as mmaps returned on free."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+# ------------------------------------------------------------------------------------ real checkpoints
+
+def unfused_distill_step(student, teacher, batch, optimizer, args):
+    """The reference the fused loss replaces: both models' logits [B, N, V] whole, then the chunked loss."""
+    c = batch.prompt_len
+    with torch.no_grad():
+        t_logits = score(teacher, batch, start=c)
+    s_logits = student(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1]
+    m = batch.mask[:, c:]
+    divergence_loss(s_logits, t_logits, m, args.loss, m.sum().item(), args.beta).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_checkpoints(args, load):
+    """Real shapes: a Hugging Face teacher and student (e.g. SmolLM2-135M and its every-third-layer student),
+    --batch-size random prompts of --prompt-len tokens and --new-tokens sampled tokens per row (no early stop),
+    fp32 on CPU. Measures the rollout's tokens/s, train.py's step split into its parts, and the step's peak
+    memory above its start (weights and optimizer state; the gradients are made during the step) with the
+    head fused into the loss (train.py) and with both models' logits whole (unfused_distill_step), at
+    --new-tokens and at twice as many."""
+    fixed_mmap_threshold()
+    device = torch.device(args.device)
+    teacher, _ = load_teacher(args.teacher)
+    student = load_pretrained(args.student)
+    if args.student_keep_layers:
+        student = keep_layers(student, train.layer_slice(args.student_keep_layers, student.cfg.n_layer))
+    teacher, student = teacher.to(device), student.to(device).train()
+    scfg, tcfg = student.cfg, teacher.cfg
+    B, P, S = args.batch_size, args.prompt_len, args.samples_per_prompt
+    V = scfg.vocab_size
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = [p for p in (torch.randint(V, (P,), generator=g).tolist() for _ in range(B // S)) for _ in range(S)]
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    grad_mb = sum(p.numel() * p.element_size() for p in student.parameters()) / 2 ** 20
+    res = dict(device=str(device), threads=torch.get_num_threads(), load_avg=load, batch=B, prompt_len=P,
+               samples_per_prompt=S, loss=args.loss, student=args.student, student_keep_layers=args.student_keep_layers,
+               teacher=args.teacher, student_params=num_params(student), teacher_params=num_params(teacher),
+               vocab=V, grad_mb=grad_mb)
+    for N in (args.new_tokens, 2 * args.new_tokens):
+        targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B),
+                                  "--samples-per-prompt", str(S), "--max-new-tokens", str(N), "--lr", "1e-6",
+                                  "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull])
+        run = train.Run(targs, None, None, False, None, 0, 1, device, 0, -1, autocast=False,
+                        t_head=head_weight(teacher))
+        rows = [train.Row(p, None, True, None) for p in prompts]
+        train.train_step(0, rows, student, teacher, optimizer, run)  # warm-up; AdamW allocates its state
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ids, valid = left_pad(prompts, 0, device)
+            generate(student, ids, valid, N, -1, 0, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        t_roll = time.perf_counter() - t0
+        parts = []
+        for _ in range(args.repeats):
+            with PeakRSS() as fused:
+                out = train.train_step(0, rows, student, teacher, optimizer, run)
+            parts.append(dict(out["times"], peak_above_mb=fused.above / 2 ** 20))
+        batch, _ = train.make_batch(0, rows, student, teacher, run)
+        with PeakRSS() as unfused:
+            unfused_distill_step(student, teacher, batch, optimizer, targs)
+        med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+        res[f"new_tokens_{N}"] = dict(rollout_tok_s=B * N / t_roll, step_s=sum(med[k] for k in out["times"]),
+                                      parts_s={k: med[k] for k in out["times"]}, step_gflop=out["flops"] / 1e9,
+                                      peak_above_mb_fused=med["peak_above_mb"],
+                                      peak_above_mb_unfused=unfused.above / 2 ** 20)
+    print(f"{args.teacher} -> {args.student}" + (f" (layers {args.student_keep_layers})" if args.student_keep_layers
+                                                 else "") + f"; batch {B} x ({P} prompt + N new) random tokens, "
+          f"loss {args.loss}, {device}, {torch.get_num_threads()} threads, load average at start {load:.1f}")
+    print(f"student {res['student_params'] / 1e6:.1f}M, teacher {res['teacher_params'] / 1e6:.1f}M params, vocab {V}; "
+          f"the student's gradients take {grad_mb:.0f} MiB")
+    print(f"{'N new':>6}{'rollout tok/s':>15}{'step s':>8}{'rollout':>9}{'teacher':>9}{'student':>9}{'optim':>7}"
+          f"{'GFLOP':>8}{'peak above start, fused':>25}{'unfused':>9}")
+    for N in (args.new_tokens, 2 * args.new_tokens):
+        r = res[f"new_tokens_{N}"]
+        print(f"{N:>6}{r['rollout_tok_s']:>15.0f}{r['step_s']:>8.2f}" + "".join(
+            f"{r['parts_s'][k]:>9.2f}" if k != "optimizer" else f"{r['parts_s'][k]:>7.2f}"
+            for k in ("rollout", "teacher", "student", "optimizer")) +
+            f"{r['step_gflop']:>8.0f}{r['peak_above_mb_fused']:>21.0f} MiB{r['peak_above_mb_unfused']:>5.0f} MiB")
+    print("(peak above start: the process's RSS during the step over its value before, sampled; the step makes "
+          "the gradients, so subtract those for the activations and loss alone)")
+    print(json.dumps(rounded(res)))
+    if own_group:
+        dist.destroy_process_group()
+
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -212,6 +352,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before we add to it
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.teacher:
+        return bench_checkpoints(args, load)
     device = torch.device(args.device)
     bf16 = args.dtype == "bf16"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -286,7 +428,8 @@ def main(argv=None):
 
     def run_for(share):
         fmt = CharFormat(tok)
-        return train.Run(targs, fmt, fmt, False, None, 0, 1, device, pad, no_eos, autocast=bf16, share_prompts=share)
+        return train.Run(targs, fmt, fmt, False, None, 0, 1, device, pad, no_eos, autocast=bf16, share_prompts=share,
+                         t_head=head_weight(teacher, torch.bfloat16 if bf16 else None))
 
     def distill_step(lmbda, share=True):
         """One train_step; its parts' seconds, and the step's (the whole call, its metrics included)."""
@@ -302,11 +445,11 @@ def main(argv=None):
         run = run_for(share)
         batch, _ = train.make_batch(0, rows[lmbda], student, teacher, run)
         n_tok = batch.mask.sum().item()
-        t_logits, _ = train.teacher_scores(teacher, batch, rows[lmbda], 0, run)
+        t_h, _ = train.teacher_scores(teacher, batch, rows[lmbda], 0, run)
 
         def student_part():
-            s_logits = train.student_logits(student, batch, batch.prompt_len, run.autocast)
-            train.distill_loss(s_logits, t_logits, batch, None, n_tok, run)[0].backward()
+            train.student_forward(student, batch, batch.prompt_len, run.autocast, lambda h, w: train.distill_loss(
+                h, w, t_h, batch, n_tok, run), run.share_prompts)[0].backward()
         return dict(rollout=lambda: train.make_batch(0, rows[lmbda], student, teacher, run),
                     teacher=lambda: train.teacher_scores(teacher, batch, rows[lmbda], 0, run), student=student_part)
 

@@ -29,6 +29,11 @@ def setup_dist(device_arg):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def compute_dtype(device):
+    """The dtype shard's models compute in: bf16 on CUDA, fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def shard(model, device):
     """FSDP2: each block is one all-gather unit, the root holds the embedding, final norm and head. On CUDA
     the parameters are gathered in bf16 and gradients reduced in fp32 (the fp32 master weights stay

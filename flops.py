@@ -25,7 +25,7 @@ def _block_params(cfg):
     return _qkv_params(cfg) + _rest_params(cfg)
 
 
-def flops_forward(cfg, batch, q_len, k_start=0, n_out=None):
+def flops_forward(cfg, batch, q_len, k_start=0, n_out=None, head=True):
     """Matmul FLOPs of one forward of `batch` rows of `q_len` tokens each, appended after `k_start` tokens
     already in a KV cache (k_start = 0: a plain causal forward of q_len tokens), with logits for the last
     `n_out` columns only (GPT.forward's out_from = q_len - n_out; default: every column).
@@ -37,11 +37,12 @@ def flops_forward(cfg, batch, q_len, k_start=0, n_out=None):
 
     pairs counts the (query, key) pairs a causal model needs: query i (0-based) sees k_start + i + 1 keys
     (the cache and itself); every block has all q_len queries but the last, which has the last n_out. Masked
-    pairs that a kernel may compute anyway are not counted."""
+    pairs that a kernel may compute anyway are not counted. head=False: without the head (d V per column),
+    for a forward whose logits a fused loss makes (flops_fused_loss)."""
     n_out = q_len if n_out is None else n_out
     L, rest = cfg.n_layer, _rest_params(cfg)
     linear = 2 * batch * (L * _qkv_params(cfg) * q_len + (L - 1) * rest * q_len
-                          + (rest + cfg.d_model * cfg.vocab_size) * n_out)
+                          + (rest + cfg.d_model * cfg.vocab_size * head) * n_out)
     pairs = lambda q0: batch * sum(k_start + i + 1 for i in range(q0, q_len))  # noqa: E731  queries q0..q_len-1
     return linear + 4 * cfg.n_head * cfg.hd * ((L - 1) * pairs(0) + pairs(q_len - n_out))
 
@@ -54,16 +55,29 @@ def flops_generate(cfg, batch, prompt_len, new_tokens, prefill_rows=None):
             + sum(flops_forward(cfg, batch, 1, prompt_len + t) for t in range(new_tokens - 1)))
 
 
-def flops_score(cfg, batch, prompt_len, length, prefill_rows=None):
+def flops_score(cfg, batch, prompt_len, length, prefill_rows=None, head=True):
     """teacher.score of the completion region of `batch` rows of `length` tokens: one forward with logits
-    from the last prompt column on, or, with prompts shared (prefill_rows distinct ones < batch), their
-    prefill and then every row's completion on top of its copy of the cache."""
+    (head=False: hidden states) from the last prompt column on, or, with prompts shared (prefill_rows
+    distinct ones < batch), their prefill and then every row's completion on top of its copy of the cache."""
     if prefill_rows and prefill_rows < batch:
-        return (flops_forward(cfg, prefill_rows, prompt_len, n_out=1)
-                + flops_forward(cfg, batch, length - prompt_len, k_start=prompt_len))
-    return flops_forward(cfg, batch, length, n_out=length - prompt_len + 1)
+        return (flops_forward(cfg, prefill_rows, prompt_len, n_out=1, head=head)
+                + flops_forward(cfg, batch, length - prompt_len, k_start=prompt_len, head=head))
+    return flops_forward(cfg, batch, length, n_out=length - prompt_len + 1, head=head)
 
 
-def flops_train(cfg, batch, length, n_out):
+def flops_train(cfg, batch, length, n_out, head=True):
     """A student forward + backward of `batch` rows of `length` tokens, logits for the last n_out columns."""
-    return 3 * flops_forward(cfg, batch, length, n_out=n_out)
+    return 3 * flops_forward(cfg, batch, length, n_out=n_out, head=head)
+
+
+def flops_head(cfg, positions):
+    """The output head on `positions` positions: 2 d V each."""
+    return 2 * positions * cfg.d_model * cfg.vocab_size
+
+
+def flops_fused_loss(s_cfg, t_cfg, positions, teacher_passes=2):
+    """losses.head_* on `positions` positions: the student's head in the loss's forward, again in its backward
+    (recomputed) and its two gradient matmuls (4 heads); the teacher's head in the forward and again in the
+    backward (teacher_passes=2), once where nothing of it is differentiated (1: the sampled loss, the reverse
+    KL of an eval), not at all without a teacher (t_cfg None: SFT, RL)."""
+    return 4 * flops_head(s_cfg, positions) + (teacher_passes * flops_head(t_cfg, positions) if t_cfg else 0)

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 LOSSES = ("fkl", "rkl", "jsd", "sampled")
 
 
-CHUNK_ELEMENTS = 2 ** 24  # positions x vocabulary per chunk by default: 64 MB of fp32 temporaries
+CHUNK_ELEMENTS = 2 ** 22  # positions x vocabulary per chunk by default: 16 MB per fp32 temporary
 
 
 def chunk_rows(chunk_size, vocab):
     """Positions per chunk: chunk_size, or (0) as many as fit CHUNK_ELEMENTS (with a 23-token vocabulary
-    every batch is one chunk; with 152k, about 110 positions)."""
+    every batch is one chunk; with 152k, 27 positions)."""
     return chunk_size if chunk_size > 0 else max(1, CHUNK_ELEMENTS // vocab)
 
 
@@ -164,6 +164,101 @@ def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperat
     alive at a time and nothing of size [positions, V] is kept for backward."""
     step = chunk_rows(chunk_size, s_logits.size(-1))
     return _MaskedDivergence.apply(s_logits, t_logits, mask.nonzero(), loss, beta, temperature, step) / n_tokens
+
+
+# ------------------------------------------------------------------- the output head fused with the loss
+# The same losses from each model's final hidden states h [positions, d] and head weight W [V, d]: the logits
+# h W^T exist one chunk of positions at a time, in forward and again in backward (recomputed), so neither
+# model ever holds [positions, V] logits, their log-softmax or their gradient (Liger / cut-cross-entropy,
+# in plain PyTorch). The student's part runs inside its forward (GPT.forward's head=), where FSDP holds W.
+
+def _logits(h, w):
+    return F.linear(h, w.to(h.dtype)).float()  # the matmul in the hidden states' dtype, as the head; loss in fp32
+
+
+class _HeadTokenLogprobs(torch.autograd.Function):
+    """log softmax(h W^T)[token] per position, a chunk at a time; backward recomputes each chunk's softmax."""
+
+    @staticmethod
+    def forward(ctx, h, w, tokens, step):
+        out = torch.empty(tokens.shape, dtype=torch.float32, device=h.device)
+        for i in range(0, len(tokens), step):
+            lp = F.log_softmax(_logits(h[i:i + step], w), -1)
+            out[i:i + step] = lp.gather(-1, tokens[i:i + step, None]).squeeze(-1)
+        ctx.save_for_backward(h, w, tokens)
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, tokens = ctx.saved_tensors
+        gh, gw = torch.empty_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for i in range(0, len(tokens), ctx.step):
+            g = grad_out[i:i + ctx.step, None]  # d/dlogits log softmax[t] = onehot(t) - softmax
+            gl = (-F.softmax(_logits(h[i:i + ctx.step], w), -1) * g).scatter_add_(-1, tokens[i:i + ctx.step, None], g)
+            gl = gl.to(h.dtype)
+            gh[i:i + ctx.step] = gl @ w.to(h.dtype)
+            gw += (gl.T @ h[i:i + ctx.step]).float()
+        return gh, gw.to(w.dtype), None, None
+
+
+def head_token_logprobs(h, w, tokens, mask, chunk_size=0):
+    """log softmax(h W^T) at the given tokens on the masked positions: h [B, T, d], W [V, d], tokens and
+    mask [B, T] -> [B, T] fp32 (0 off the mask), differentiable in h and W; = token_logprobs(h W^T, tokens)."""
+    vals = _HeadTokenLogprobs.apply(h[mask], w, tokens[mask], chunk_rows(chunk_size, w.size(0)))
+    return vals.new_zeros(mask.shape).masked_scatter(mask, vals)
+
+
+class _HeadDivergence(torch.autograd.Function):
+    """Sum over positions of the divergence between softmax(h_s W_s^T) and softmax(h_t W_t^T), a chunk at a
+    time, and (metric: a bool per position, or None) the sum of the reverse KL over the marked positions;
+    backward recomputes both chunks' logits and returns the gradients of h_s and W_s."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, loss, beta, temperature, step, metric):
+        total = h_s.new_zeros((), dtype=torch.float32)
+        rkl = h_s.new_zeros((), dtype=torch.float32)
+        for i in range(0, len(h_s), step):
+            s, t = _logits(h_s[i:i + step], w_s), _logits(h_t[i:i + step], w_t)
+            val = _divergence_and_grad(s, t, loss, beta, temperature)[0]
+            total = total + val.sum()
+            if metric is not None:
+                m = metric[i:i + step]
+                rkl = rkl + (val if loss == "rkl" and temperature == 1 else per_token_divergence(s, t, "rkl"))[m].sum()
+        ctx.save_for_backward(h_s, w_s, h_t, w_t)
+        ctx.args = loss, beta, temperature, step
+        ctx.mark_non_differentiable(rkl)
+        return total, rkl
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        h_s, w_s, h_t, w_t = ctx.saved_tensors
+        loss, beta, temperature, step = ctx.args
+        gh, gw = torch.empty_like(h_s), torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
+        for i in range(0, len(h_s), step):
+            s, t = _logits(h_s[i:i + step], w_s), _logits(h_t[i:i + step], w_t)
+            gl = (_divergence_and_grad(s, t, loss, beta, temperature)[1] * grad_out).to(h_s.dtype)
+            gh[i:i + step] = gl @ w_s.to(h_s.dtype)
+            gw += (gl.T @ h_s[i:i + step]).float()
+        return gh, gw.to(w_s.dtype), None, None, None, None, None, None, None
+
+
+def head_divergence_loss(h_s, w_s, h_t, w_t, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0,
+                         metric=None):
+    """divergence_loss of the logits h_s W_s^T and h_t W_t^T, from the hidden states h [B, T, d] and head
+    weights W [V, d], the logits one chunk of positions at a time; differentiable in h_s and W_s.
+    Returns (the loss, the reverse KL summed over the positions of mask & metric (0 when metric is None))."""
+    on = metric[mask] if metric is not None else None
+    total, rkl = _HeadDivergence.apply(h_s[mask], w_s, h_t[mask].detach(), w_t.detach(), loss, beta, temperature,
+                                       chunk_rows(chunk_size, w_s.size(0)), on)
+    return total / n_tokens, rkl
+
+
+def head_divergence_sum(h_s, w_s, h_t, w_t, mask, loss, beta=0.5, temperature=1.0, chunk_size=0):
+    """divergence_sum from hidden states and head weights, no gradient."""
+    with torch.no_grad():
+        return _HeadDivergence.apply(h_s[mask], w_s, h_t[mask], w_t, loss, beta, temperature,
+                                     chunk_rows(chunk_size, w_s.size(0)), None)[0]
 
 
 def distill_advantage(t_logprobs, old_logprobs):

@@ -85,6 +85,30 @@ class KVCache:
         return new
 
 
+class GradKV:
+    """A KV cache for a forward with gradients: each layer's keys/values are the autograd graph's own tensors,
+    extended by concatenation instead of written in place, so a loss on later tokens sends its gradient
+    back through the cached ones. With rows() a prompt shared by several rows runs once and its keys and
+    values are gathered into every row (train.py's student with --samples-per-prompt > 1)."""
+
+    def __init__(self, cfg, batch_size, max_len, device=None):
+        self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len, self.len = max_len, 0
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def rows(self, index):
+        new = object.__new__(GradKV)
+        new.k, new.v = [k[index] for k in self.k], [v[index] for v in self.v]
+        new.valid, new.max_len, new.len = self.valid[index], self.max_len, self.len
+        return new
+
+
 def distinct_rows(ids, valid):
     """(first, inverse): rows[first] are the distinct rows of the left-padded ids (rows with the same real
     tokens at the same places are equal), and row b equals rows[first][inverse[b]]."""
@@ -96,19 +120,19 @@ def distinct_rows(ids, valid):
     return first, inverse
 
 
-def prefill(model, ids, pos, valid, max_len, groups=None):
-    """Run left-padded prompts into a new KVCache of max_len slots: (logits of the last column [B, V],
-    the cache). groups: distinct_rows(ids, valid) to run a prompt that occurs several times in the batch
+def prefill(model, ids, pos, valid, max_len, groups=None, head=None, cache_cls=KVCache):
+    """Run left-padded prompts into a new KVCache of max_len slots: (logits of the last column [B, V], or
+    with head=lambda h, W: h its hidden state [B, d]; the cache). groups: distinct_rows(ids, valid) to run a prompt that occurs several times in the batch
     (several samples per prompt) once and copy its keys/values to its rows: the same logits and cache as
     running every row (up to float rounding of the smaller batch), for 1/k of the compute with k samples
-    per prompt. None runs every row."""
+    per prompt. None runs every row. cache_cls: GradKV for a forward with gradients."""
     B, P = ids.shape
     if groups is None or len(groups[0]) == B:
-        cache = KVCache(model.cfg, B, max_len, device=ids.device)
-        return model(ids, pos, valid, cache, out_from=P - 1)[:, -1], cache
+        cache = cache_cls(model.cfg, B, max_len, device=ids.device)
+        return model(ids, pos, valid, cache, out_from=P - 1, head=head)[:, -1], cache
     first, inverse = groups
-    cache = KVCache(model.cfg, len(first), max_len, device=ids.device)
-    logits = model(ids[first], pos[first], valid[first], cache, out_from=P - 1)[:, -1]
+    cache = cache_cls(model.cfg, len(first), max_len, device=ids.device)
+    logits = model(ids[first], pos[first], valid[first], cache, out_from=P - 1, head=head)[:, -1]
     return logits[inverse], cache.rows(inverse)
 
 
@@ -226,8 +250,8 @@ class GPT(nn.Module):
         return (torch.cat([cos, cos], -1).unsqueeze(1).to(dtype),
                 torch.cat([-sin, sin], -1).unsqueeze(1).to(dtype))
 
-    def forward(self, idx, pos=None, valid=None, cache=None, out_from=0):
-        """Logits [B, T - out_from, V] for tokens idx [B, T].
+    def forward(self, idx, pos=None, valid=None, cache=None, out_from=0, head=None):
+        """Logits [B, T - out_from, V] for tokens idx [B, T], or head(h, W).
 
         pos:      [B, T] positions (default 0..T-1; with left padding use positions_from_valid).
         valid:    [B, T] bool, False on padding keys (left padding); None means every token is real.
@@ -236,7 +260,11 @@ class GPT(nn.Module):
                   prefilling a cache). Every column still gives its keys and values in every layer; the
                   last block computes its attention output, MLP, the final norm and the head only for
                   the columns asked for, which is all that reads them. The logits are those of the full
-                  forward sliced [:, out_from:] (tested)."""
+                  forward sliced [:, out_from:] (tested).
+        head:     a function of (h, W), the final-normed hidden states [B, T - out_from, d] and the output
+                  head's weight [V, d], whose result is returned in place of the logits h W^T: a loss that
+                  computes the logits a chunk of positions at a time (losses.py), never all of them. It runs
+                  inside the forward, where FSDP holds the gathered weight and sees its gradient."""
         B, T = idx.shape
         if not 0 <= out_from < T:
             raise ValueError(f"out_from {out_from} must be in [0, {T})")
@@ -275,7 +303,8 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.len += T
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        return self.head(x) if head is None else head(x, self.head.weight)
 
 
 def positions_from_valid(valid):

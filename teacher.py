@@ -31,24 +31,40 @@ def check_same_tokenizer(student_tok, teacher_tok):
                          "same-tokenizer losses need identical vocabularies")
 
 
+def hidden(h, w):
+    """A forward's head= that returns the final-normed hidden states instead of the logits."""
+    return h
+
+
+def head_weight(teacher, dtype=None):
+    """The teacher's output head [V, d] as one plain tensor on every rank, gathered once (the teacher is
+    frozen, so nothing is ever reduced into it): with score(hidden_states=True) the losses make its logits a chunk
+    of positions at a time (losses.head_*)."""
+    w = teacher.head.weight.detach()
+    w = w.full_tensor() if hasattr(w, "full_tensor") else w  # an FSDP2 DTensor shard: gather it
+    return w.to(dtype) if dtype is not None else w
+
+
 @torch.no_grad()
-def score(teacher, batch, autocast=False, start=1, share_prompts=True):
+def score(teacher, batch, autocast=False, start=1, share_prompts=True, hidden_states=False):
     """Teacher logits predicting tokens start..T-1: [B, T-start, V] in the model's dtype (fp32 on CPU; the
     losses upcast one chunk of positions at a time), row i scores
-    batch.tokens[:, start + i]. start=batch.prompt_len scores only the completion region (all a
+    batch.tokens[:, start + i]. hidden_states: the final-normed hidden states [B, T-start, d] instead, whose
+    logits the fused losses make with head_weight a chunk at a time. start=batch.prompt_len scores only the completion region (all a
     same-tokenizer loss reads; the forward skips the rest where it can, see GPT.forward's out_from).
 
     There, when rows share a prompt (--samples-per-prompt > 1) and share_prompts is on, each distinct
     prompt runs once into a KV cache (model.prefill) and the completions run on their copies of it:
     the same logits up to float rounding, with the prompt's compute divided by the samples per prompt."""
     P, T = batch.prompt_len, batch.tokens.size(1)
+    head = hidden if hidden_states else None
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
         if start == P and share_prompts and P > 1:
             groups = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
             if len(groups[0]) < len(batch.tokens):
                 pos = batch.pos
-                last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T, groups)
-                rest = teacher(batch.tokens[:, P:], pos[:, P:], batch.valid[:, P:], cache)
+                last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T, groups, head)
+                rest = teacher(batch.tokens[:, P:], pos[:, P:], batch.valid[:, P:], cache, head=head)
                 return torch.cat([last[:, None], rest[:, :-1]], 1)
-        logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=start - 1)
+        logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=start - 1, head=head)
     return logits[:, :-1]

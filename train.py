@@ -52,14 +52,14 @@ from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pr
                         resolve_checkpoint, restore, save_checkpoint, side_files)
 from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
 from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
-from distributed import all_sum, decoding, setup_dist, shard
+from distributed import all_sum, compute_dtype, decoding, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
-from flops import flops_generate, flops_score, flops_train
-from losses import (LOSSES, distill_advantage, divergence_loss, divergence_sum, policy_gradient_loss,
-                    reward_advantage, token_logprobs)
-from model import GPT, GPTConfig, distinct_rows, keep_layers, num_params
+from flops import flops_fused_loss, flops_generate, flops_score, flops_train
+from losses import (LOSSES, distill_advantage, head_divergence_loss, head_divergence_sum, head_token_logprobs,
+                    policy_gradient_loss, reward_advantage)
+from model import GPT, GPTConfig, GradKV, distinct_rows, keep_layers, num_params, prefill
 from rollout import generate, left_pad, pack
-from teacher import check_same_tokenizer, load_teacher, score
+from teacher import check_same_tokenizer, head_weight, hidden, load_teacher, score
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
                    "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
     p.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
-                   "(0 = as many as fit 2^24 logits: one chunk for the char vocabulary)")
+                   "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
     # optimisation
     p.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
     p.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
@@ -199,6 +199,7 @@ class Run:
     autocast: bool              # bf16 autocast, for unsharded models (bench.py); train.py's sharded models get
                                 # bf16 on CUDA from FSDP's policy (shard) and run fp32 on CPU
     share_prompts: bool = True  # one prefill per distinct prompt (rollout and teacher); False to measure it
+    t_head: torch.Tensor = None  # the teacher's output head, whole on every rank (teacher.head_weight)
 
     def sync(self):  # part timings mean something on CUDA only after the queued kernels ran
         if self.device.type == "cuda":
@@ -293,10 +294,12 @@ def step_reward_advantage(reward, run):
 
 
 def teacher_scores(teacher, batch, rows, step, run):
-    """(teacher logits for the loss, the cross-tokenizer alignment or None). With the student's tokenizer,
-    logits predicting the completion tokens only; with another, the same text in the teacher's tokens."""
+    """(the teacher's output for the loss, the cross-tokenizer alignment or None). With the student's
+    tokenizer, its final hidden states where they predict the completion tokens: the losses make the logits
+    from them and run.t_head a chunk of positions at a time. With another, the logits of the same text in the
+    teacher's tokens."""
     if not run.cross:
-        return score(teacher, batch, run.autocast, batch.prompt_len, run.share_prompts), None
+        return score(teacher, batch, run.autocast, batch.prompt_len, run.share_prompts, hidden_states=True), None
     try:
         cb = cross_tokenizer_batch(batch, [r.problem for r in rows], run.fmt.tok, run.t_fmt.tok,
                                    teacher.cfg.max_seq_len, run.t_fmt)
@@ -305,53 +308,79 @@ def teacher_scores(teacher, batch, rows, step, run):
     return score(teacher, cb.teacher, run.autocast), cb
 
 
-def student_logits(model, batch, c, autocast):
-    """Student logits (with grad) predicting tokens c.. of the batch, in the model's dtype (the losses upcast
-    a chunk at a time): the forward computes the head only for the columns a loss reads (GPT's out_from)."""
+def student_forward(model, batch, c, autocast, loss_fn=None, share_prompts=False):
+    """The student forward (with grad) where it predicts tokens c.. of the batch (GPT's out_from).
+    loss_fn(h, W): a loss from the final-normed hidden states [B, T - c, d] and the head weight, run inside
+    the forward (the head fused with the loss, losses.head_*: the logits never exist whole); its result is
+    returned. None: the logits [B, T - c, V] in the model's dtype (what the cross-tokenizer losses read).
+
+    share_prompts, when rows share a prompt (--samples-per-prompt > 1) and c is the prompt length: each
+    distinct prompt runs once, its keys and values (model.GradKV) are gathered into its rows, and the
+    completions run on top; the gradient flows back through the gathered keys and values into the one
+    prompt forward. The same loss and gradients as every row's own forward (tested), for 1/k of the
+    prompt's compute."""
+    P = batch.prompt_len
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
-        return model(batch.tokens, batch.pos, batch.valid, out_from=c - 1)[:, :-1]
+        if loss_fn is not None and share_prompts and c == P > 1:
+            groups = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
+            if len(groups[0]) < len(batch.tokens):
+                pos, valid = batch.pos, batch.valid
+                last, cache = prefill(model, batch.tokens[:, :P], pos[:, :P], valid[:, :P], batch.tokens.size(1),
+                                      groups, head=hidden, cache_cls=GradKV)
+                return model(batch.tokens[:, P:], pos[:, P:], valid[:, P:], cache,
+                             head=lambda h, w: loss_fn(torch.cat([last[:, None], h[:, :-1]], 1), w))
+        head = None if loss_fn is None else (lambda h, w: loss_fn(h[:, :-1], w))
+        out = model(batch.tokens, batch.pos, batch.valid, out_from=c - 1, head=head)
+    return out[:, :-1] if loss_fn is None else out
 
 
-def distill_loss(s_logits, t_logits, batch, cb, n_tok, run, reward_adv=None):
-    """(the loss, the student's reverse KL to the teacher summed over its own samples' tokens, for the log).
+def distill_loss(h, w, t_h, batch, n_tok, run, reward_adv=None):
+    """(the loss, the student's reverse KL to the teacher summed over its own samples' tokens, for the log),
+    from the student's hidden states h and head weight w and the teacher's hidden states t_h (its head weight
+    is run.t_head).
 
-    Same tokenizer: the divergence over the full vocabularies, or the sampled estimator (a policy gradient
-    with the teacher's log-ratio as advantage and the rollout's logprobs as p_old), plus --reward-weight x
-    the rows' reward advantage when given. Across tokenizers: crosstok.cross_tokenizer_loss, and the reverse
-    KL is its sequence-level sample estimate."""
-    args, on_rows = run.args, batch.on_policy
-    if cb is not None:
-        loss, s_span_lp, t_span_lp = cross_tokenizer_loss(
-            s_logits, t_logits, batch, cb, run.shared, n_tok, args.loss, args.beta, args.loss_temperature,
-            args.uld_weight, args.chunk_size)
-        return loss, (s_span_lp - t_span_lp)[on_rows].sum()
-    c = batch.prompt_len
-    tgt, m = batch.tokens[:, c:], batch.mask[:, c:]
+    The divergence over the full vocabularies, or the sampled estimator (a policy gradient with the
+    teacher's log-ratio as advantage and the rollout's logprobs as p_old, plus --reward-weight x the rows'
+    reward advantage when given; the teacher gives only log p_T of the sampled tokens, and the logged reverse
+    KL is its one-sample estimate)."""
+    args, c = run.args, batch.prompt_len
+    tgt, m, on = batch.tokens[:, c:], batch.mask[:, c:], batch.on_policy[:, None]
     if args.loss == "sampled":
-        s_lp, old_lp = token_logprobs(s_logits, tgt), batch.logprobs[:, c:]
-        adv = distill_advantage(token_logprobs(t_logits, tgt), old_lp)
+        s_lp, old_lp = head_token_logprobs(h, w, tgt, m, args.chunk_size), batch.logprobs[:, c:]
+        with torch.no_grad():
+            t_lp = head_token_logprobs(t_h, run.t_head, tgt, m, args.chunk_size)
+        adv = distill_advantage(t_lp, old_lp)
         if reward_adv is not None:
             adv = adv + args.reward_weight * reward_adv[:, None]
-        loss = policy_gradient_loss(s_lp, old_lp, adv, m, n_tok)
-    else:
-        loss = divergence_loss(s_logits, t_logits, m, args.loss, n_tok, args.beta, args.loss_temperature,
-                               args.chunk_size)
-    on = m & on_rows[:, None]
-    return loss, divergence_sum(s_logits, t_logits, on, "rkl", chunk_size=args.chunk_size)
+        return policy_gradient_loss(s_lp, old_lp, adv, m, n_tok), ((old_lp - t_lp) * (m & on)).sum()
+    return head_divergence_loss(h, w, t_h, run.t_head, m, args.loss, n_tok, args.beta, args.loss_temperature,
+                                args.chunk_size, metric=on.expand_as(m))
 
 
-def rl_loss(s_logits, batch, reward_adv, n_tok):
+def cross_distill_loss(s_logits, t_logits, batch, cb, n_tok, run):
+    """distill_loss across tokenizers (crosstok.cross_tokenizer_loss) on both models' logits; the reverse
+    KL is its sequence-level sample estimate."""
+    args = run.args
+    loss, s_span_lp, t_span_lp = cross_tokenizer_loss(
+        s_logits, t_logits, batch, cb, run.shared, n_tok, args.loss, args.beta, args.loss_temperature,
+        args.uld_weight, args.chunk_size)
+    return loss, (s_span_lp - t_span_lp)[batch.on_policy].sum()
+
+
+def rl_loss(h, w, batch, reward_adv, n_tok, chunk_size=0):
     """The policy gradient of distill_loss's sampled estimator with the reward's advantage on every token of
     a row in place of the teacher's log-ratio."""
     c = batch.prompt_len
-    s_lp, old_lp = token_logprobs(s_logits, batch.tokens[:, c:]), batch.logprobs[:, c:]
-    return policy_gradient_loss(s_lp, old_lp, reward_adv[:, None], batch.mask[:, c:], n_tok)
+    m = batch.mask[:, c:]
+    s_lp, old_lp = head_token_logprobs(h, w, batch.tokens[:, c:], m, chunk_size), batch.logprobs[:, c:]
+    return policy_gradient_loss(s_lp, old_lp, reward_adv[:, None], m, n_tok)
 
 
-def sft_loss(s_logits, batch, n_tok, chunk_size=0):
+def sft_loss(h, w, batch, n_tok, chunk_size=0):
     """Cross-entropy of the given completions, summed over the step's completion tokens / their count."""
     c = batch.prompt_len
-    return -(token_logprobs(s_logits, batch.tokens[:, c:], chunk_size) * batch.mask[:, c:]).sum() / n_tok
+    m = batch.mask[:, c:]
+    return -head_token_logprobs(h, w, batch.tokens[:, c:], m, chunk_size).sum() / n_tok
 
 
 def train_step(step, rows, model, teacher, optimizer, run):
@@ -366,7 +395,8 @@ def train_step(step, rows, model, teacher, optimizer, run):
         times[part], t = time.perf_counter() - t, time.perf_counter()
 
     batch, flops = make_batch(step, rows, model, teacher, run)
-    n_tok = all_sum(batch.mask.sum().item(), run.device)  # completion tokens of the whole step, all ranks
+    n_local_tok = batch.mask.sum().item()
+    n_tok = all_sum(n_local_tok, run.device)  # completion tokens of the whole step, all ranks
     # the verifier on the student's samples (bench.py's synthetic rows have no problem to verify)
     reward = rewards(batch, rows, run) if batch.on_policy.any() and rows[0].problem else None
     reward_adv = step_reward_advantage(reward, run) if args.stage == "rl" or args.reward_weight else None
@@ -375,18 +405,25 @@ def train_step(step, rows, model, teacher, optimizer, run):
     # index the whole layout)
     c = 1 if run.cross else batch.prompt_len
     distill = args.stage == "distill"
-    t_logits, cb = teacher_scores(teacher, batch, rows, step, run) if distill else (None, None)
-    flops += teacher_flops(teacher, batch, cb, run) if distill else 0
+    t_out, cb = teacher_scores(teacher, batch, rows, step, run) if distill else (None, None)
+    flops += teacher_flops(teacher, batch, cb, run) if distill else 0  # its head runs in the loss (below)
     lap("teacher")
-    s_logits = student_logits(model, batch, c, run.autocast)
-    if args.stage == "sft":
-        loss, rkl = sft_loss(s_logits, batch, n_tok, args.chunk_size), None
-    elif args.stage == "rl":
-        loss, rkl = rl_loss(s_logits, batch, reward_adv, n_tok), None
+    if cb is not None:
+        loss, rkl = cross_distill_loss(student_forward(model, batch, c, run.autocast), t_out, batch, cb, n_tok, run)
     else:
-        loss, rkl = distill_loss(s_logits, t_logits, batch, cb, n_tok, run, reward_adv)
+        loss_fn = {"sft": lambda h, w: (sft_loss(h, w, batch, n_tok, args.chunk_size), None),
+                   "rl": lambda h, w: (rl_loss(h, w, batch, reward_adv, n_tok, args.chunk_size), None),
+                   "distill": lambda h, w: distill_loss(h, w, t_out, batch, n_tok, run, reward_adv)}[args.stage]
+        loss, rkl = student_forward(model, batch, c, run.autocast, loss_fn, run.share_prompts)
     (loss * run.world).backward()  # FSDP averages gradients over ranks; the loss is already per step token
-    flops += flops_train(model.cfg, *batch.tokens.shape, n_out=batch.tokens.size(1) - c + 1)
+    if cb is not None:
+        flops += flops_train(model.cfg, *batch.tokens.shape, n_out=batch.tokens.size(1))
+    else:  # forward and backward (3x) as teacher.score runs its forward, then the fused heads
+        flops += 3 * flops_score(model.cfg, len(batch.tokens), c, batch.tokens.size(1),
+                                 prefill_rows(batch.tokens[:, :c], batch.valid[:, :c], run.share_prompts and c > 1),
+                                 head=False)
+        flops += flops_fused_loss(model.cfg, teacher.cfg if distill else None, n_local_tok,
+                                  teacher_passes=1 if args.loss == "sampled" else 2)
     lap("student")
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     for group in optimizer.param_groups:
@@ -411,15 +448,15 @@ def train_step(step, rows, model, teacher, optimizer, run):
 
 
 def teacher_flops(teacher, batch, cb, run):
-    """FLOPs of teacher_scores: teacher.score of the completion region (prompts prefilled once when shared),
-    or across tokenizers a forward of the teacher's whole layout."""
+    """FLOPs of teacher_scores: teacher.score of the completion region up to the hidden states (prompts
+    prefilled once when shared), or across tokenizers a forward of the teacher's whole layout with logits."""
     if cb is not None:
         B, T = cb.teacher.tokens.shape
         return flops_score(teacher.cfg, B, 1, T)
     P = batch.prompt_len
     share = run.share_prompts and P > 1
     return flops_score(teacher.cfg, len(batch.tokens), P, batch.tokens.size(1),
-                       prefill_rows(batch.tokens[:, :P], batch.valid[:, :P], share))
+                       prefill_rows(batch.tokens[:, :P], batch.valid[:, :P], share), head=False)
 
 
 def lr_at(step, args):
@@ -458,10 +495,10 @@ def evaluate_rkl(model, teacher, problems, run):
     with torch.no_grad():
         for i in range(0, len(rows), B):  # step -1, -2, ...: sampling noise no training step uses
             batch, _ = make_batch(-1 - i // B, rows[i:i + B][run.rank::run.world], model, teacher, run)
-            t_logits, _ = teacher_scores(teacher, batch, None, -1, run)
-            s_logits = student_logits(model, batch, batch.prompt_len, run.autocast)
+            t_h, _ = teacher_scores(teacher, batch, None, -1, run)
             m = batch.mask[:, batch.prompt_len:]
-            total += divergence_sum(s_logits, t_logits, m, "rkl", chunk_size=run.args.chunk_size).item()
+            total += student_forward(model, batch, batch.prompt_len, run.autocast, lambda h, w: head_divergence_sum(
+                h, w, t_h, run.t_head, m, "rkl", chunk_size=run.args.chunk_size)).item()
             count += m.sum().item()
     return all_sum(total, run.device) / max(1.0, all_sum(count, run.device))
 
@@ -623,7 +660,8 @@ def main(argv=None):
     model = shard(student.to(device), device)
     teacher = shard(teacher.to(device), device) if teacher is not None else None
     run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,
-              device, fmt.pad_id, fmt.eos_ids, autocast=False)  # CUDA: bf16 through FSDP's policy (shard)
+              device, fmt.pad_id, fmt.eos_ids, autocast=False,  # CUDA: bf16 through FSDP's policy (shard)
+              t_head=head_weight(teacher, compute_dtype(device)) if distill else None)
     if rank == 0 and cross and args.loss != "sampled":
         print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "
               "collapsed a number-level student under a char-level teacher on Countdown (docs/cross_tokenizer.md);"

@@ -190,3 +190,69 @@ def test_divergence_sum_equals_per_token_divergence_sum():
     want = per_token_divergence(s[mask], t[mask], "rkl").sum()
     for chunk in (0, 1, 4):
         torch.testing.assert_close(divergence_sum(s, t, mask, "rkl", chunk_size=chunk), want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------- the output head fused with the loss
+
+def head_case(seed, B=3, T=7, d=8, V=11):
+    g = torch.Generator().manual_seed(seed)
+    h_s, h_t = torch.randn(B, T, d, generator=g), torch.randn(B, T, d, generator=g)
+    w_s, w_t = torch.randn(V, d, generator=g), torch.randn(V, d, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[0, 0] = True
+    return h_s, w_s, h_t, w_t, mask
+
+
+@pytest.mark.parametrize("loss,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("chunk", [0, 1, 4])
+def test_fused_head_divergence_equals_the_unfused_loss_and_gradients(loss, beta, chunk):
+    """The loss from hidden states and head weights, the logits a chunk at a time, against divergence_loss
+    of the whole logits h W^T: the value, the gradients of h_s and W_s, and the reverse-KL metric."""
+    from losses import divergence_sum, head_divergence_loss
+    h_s, w_s, h_t, w_t, mask = head_case(3)
+    on = torch.tensor([True, False, True])[:, None].expand_as(mask)
+    a = [x.clone().requires_grad_(True) for x in (h_s, w_s)]
+    b = [x.clone().requires_grad_(True) for x in (h_s, w_s)]
+    fused, rkl = head_divergence_loss(a[0], a[1], h_t, w_t, mask, loss, 5.0, beta, 1.3, chunk, metric=on)
+    fused.backward()
+    s_logits = b[0] @ b[1].T
+    ref = divergence_loss(s_logits, h_t @ w_t.T, mask, loss, 5.0, beta, 1.3)
+    ref.backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+    assert a[1].grad.abs().sum() > 0
+    torch.testing.assert_close(rkl, divergence_sum(s_logits.detach(), h_t @ w_t.T, mask & on, "rkl"), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_fused_head_token_logprobs_equal_the_unfused_ones_and_gradients(chunk):
+    from losses import head_token_logprobs, token_logprobs
+    h, w, _, _, mask = head_case(4)
+    tokens = torch.randint(w.size(0), mask.shape, generator=torch.Generator().manual_seed(0))
+    a = [x.clone().requires_grad_(True) for x in (h, w)]
+    b = [x.clone().requires_grad_(True) for x in (h, w)]
+    weights = torch.randn(mask.shape)
+    lp = head_token_logprobs(a[0], a[1], tokens, mask, chunk)
+    (lp * weights).sum().backward()
+    ref = token_logprobs(b[0] @ b[1].T, tokens) * mask
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_keeps_nothing_of_size_positions_by_vocab():
+    """Between forward and backward only the hidden states, head weights and small indices are saved: no
+    logits (which never exist whole), softmax or gradient of size [positions, V]."""
+    from losses import head_divergence_loss, head_token_logprobs
+    h_s, w_s, h_t, w_t, mask = head_case(5, B=4, T=9, d=4, V=500)
+    h_s.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda a: saved.append(a) or a, lambda a: a):
+        loss, _ = head_divergence_loss(h_s, w_s, h_t, w_t, mask, "rkl", 7.0, chunk_size=3)
+        lp = head_token_logprobs(h_s, w_s, torch.zeros_like(mask, dtype=torch.long), mask, chunk_size=3)
+    (loss + lp.sum()).backward()
+    n = mask.sum().item()
+    assert saved and all(a.numel() < n * 500 / 4 for a in saved), [a.shape for a in saved]

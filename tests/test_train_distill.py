@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import train
 from conftest import make_ckpt, run, tiny_model
 from data.countdown import EOS, PAD, TOKENIZER_PATH, load_split, load_tokenizer, prompt_ids
-from losses import per_token_divergence
+from losses import per_token_divergence, token_logprobs
 from checkpoint import load_pretrained, save_pretrained
 from model import GPTConfig
 from rollout import generate, left_pad
@@ -284,7 +284,8 @@ def test_sft_seq_kd_trains_on_teacher_samples(ckpts, tmp_path, monkeypatch):
     ref = generate(load_pretrained(teacher), ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD),
                    temperature=1.0, generator=g)
     assert batch.completions() == ref.completions() and not batch.on_policy.any() and scored == []
-    s_logits = train.student_logits(load_pretrained(student), batch, batch.prompt_len, False)
-    ce = train.sft_loss(s_logits, batch, batch.mask.sum().item()).item()
+    s_logits = load_pretrained(student)(batch.tokens, batch.pos, batch.valid)[:, batch.prompt_len - 1:-1]
+    ce = -(token_logprobs(s_logits, batch.tokens[:, batch.prompt_len:]) * batch.mask[:, batch.prompt_len:]).sum()
+    ce = ce.item() / batch.mask.sum().item()  # the unfused cross-entropy
     logged = [r for r in rows(out) if "loss" in r]
     assert logged[0]["loss"] == pytest.approx(ce, rel=1e-5) and logged[0]["samples"] == 0

@@ -14,6 +14,7 @@ from conftest import make_ckpt, run, tiny_model
 from data.countdown import CharFormat, load_split, load_tokenizer
 from losses import reward_advantage
 from rollout import Batch, generate, left_pad
+from teacher import head_weight, hidden
 
 
 def by_hand_advantage(rewards, k, norm):
@@ -28,30 +29,34 @@ def by_hand_advantage(rewards, k, norm):
 
 @pytest.mark.parametrize("norm", ["mean", "std", "none"])
 def test_rl_gradient_is_reinforce_by_hand(norm):
-    """d loss / d logits[b, t] = -A_b m_bt (onehot(x_bt) - softmax(logits_bt)) / n_tok, in float64."""
+    """d loss / d logits[b, t] = G[b, t] = -A_b m_bt (onehot(x_bt) - softmax(logits_bt)) / n_tok, in float64;
+    the loss takes hidden states h and head weight W (logits = h W^T): d/dh = G W, d/dW = G^T h."""
     torch.manual_seed(0)
-    B, P, T, V, k = 6, 2, 5, 7, 3
-    logits = torch.randn(B, T, V, requires_grad=True)
+    B, P, T, V, k, d = 6, 2, 5, 7, 3, 4
+    h, w = torch.randn(B, T, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+    logits = (h @ w.T).detach()
     tokens = torch.randint(V, (B, P + T))
     lengths = torch.tensor([5, 3, 1, 4, 5, 2])
     mask = torch.zeros(B, P + T, dtype=torch.bool)
     for b, n in enumerate(lengths):
         mask[b, P:P + n] = True
     old = torch.zeros(B, P + T)
-    old[:, P:] = F.log_softmax(logits.detach(), -1).gather(-1, tokens[:, P:, None]).squeeze(-1)
+    old[:, P:] = F.log_softmax(logits, -1).gather(-1, tokens[:, P:, None]).squeeze(-1)
     batch = Batch(tokens, torch.ones_like(mask), mask, P, old, torch.ones(B, dtype=torch.bool))
     rewards = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     adv = reward_advantage(torch.tensor(rewards), k, norm)
     assert adv.tolist() == pytest.approx(by_hand_advantage(rewards, k, norm), abs=1e-6)
     n_tok = int(lengths.sum())
-    train.rl_loss(logits, batch, adv, n_tok).backward()
+    train.rl_loss(h, w, batch, adv, n_tok).backward()
 
     x = tokens[:, P:]
     a = torch.tensor(by_hand_advantage(rewards, k, norm), dtype=torch.float64)
-    p = torch.softmax(logits.detach().double(), -1)
-    ref = -(a[:, None, None] * mask[:, P:, None] * (F.one_hot(x, V).double() - p)) / n_tok
-    torch.testing.assert_close(logits.grad.double(), ref, rtol=1e-5, atol=1e-7)
-    assert logits.grad.abs().sum() > 0
+    p = torch.softmax(logits.double(), -1)
+    G = -(a[:, None, None] * mask[:, P:, None] * (F.one_hot(x, V).double() - p)) / n_tok
+    torch.testing.assert_close(h.grad.double(), G @ w.detach().double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad.double(), torch.einsum("btv,btd->vd", G, h.detach().double()), rtol=1e-5,
+                               atol=1e-7)
+    assert h.grad.abs().sum() > 0
 
 
 def sampled_batch(model, k=4, n_prompts=2, n_new=6):
@@ -64,21 +69,26 @@ def sampled_batch(model, k=4, n_prompts=2, n_new=6):
                         generator=torch.Generator().manual_seed(0))
 
 
+def rl_backward(model, batch, adv):
+    loss = train.student_forward(model, batch, batch.prompt_len, False,
+                                 lambda h, w: train.rl_loss(h, w, batch, adv, batch.mask.sum()))
+    loss.backward()
+    return loss
+
+
 @pytest.mark.parametrize("norm", ["mean", "std"])
 @pytest.mark.parametrize("reward", [0.0, 1.0])
 def test_equal_rewards_give_zero_gradient(norm, reward):
     model = tiny_model()
     batch = sampled_batch(model)
     adv = reward_advantage(torch.full((len(batch.tokens),), reward), 4, norm)
-    s_logits = train.student_logits(model, batch, batch.prompt_len, False)
-    train.rl_loss(s_logits, batch, adv, batch.mask.sum()).backward()
+    rl_backward(model, batch, adv)
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
     # and unequal rewards move it
     model.zero_grad()
     adv = reward_advantage(torch.tensor([1.0, 0, 0, 0, 0, 0, 1, 1]), 4, norm)
-    train.rl_loss(train.student_logits(model, batch, batch.prompt_len, False), batch, adv,
-                  batch.mask.sum()).backward()
+    rl_backward(model, batch, adv)
     assert sum(torch.count_nonzero(p.grad) for p in model.parameters()) > 0
 
 
@@ -86,17 +96,18 @@ def test_hybrid_at_reward_weight_zero_is_the_sampled_loss_exactly():
     student, teacher = tiny_model(seed=1), tiny_model(seed=2)
     batch = sampled_batch(student)
     with torch.no_grad():
-        t_logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=batch.prompt_len - 1)[:, :-1]
+        t_h = teacher(batch.tokens, batch.pos, batch.valid, out_from=batch.prompt_len - 1, head=hidden)[:, :-1]
     n_tok = batch.mask.sum()
     reward_adv = reward_advantage(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), 4, "std")
 
     def loss_and_grads(weight, adv):
         args = train.parse_args(["--loss", "sampled", "--reward-weight", str(weight), "--samples-per-prompt", "4",
                                  "--out", os.devnull])
-        run = train.Run(args, None, None, False, None, 0, 1, torch.device("cpu"), 0, 2, False)
+        run = train.Run(args, None, None, False, None, 0, 1, torch.device("cpu"), 0, 2, False,
+                        t_head=head_weight(teacher))
         student.zero_grad()
-        s_logits = train.student_logits(student, batch, batch.prompt_len, False)
-        loss, _ = train.distill_loss(s_logits, t_logits, batch, None, n_tok, run, adv)
+        loss, _ = train.student_forward(student, batch, batch.prompt_len, False,
+                                        lambda h, w: train.distill_loss(h, w, t_h, batch, n_tok, run, adv))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in student.parameters()]
 
@@ -104,8 +115,8 @@ def test_hybrid_at_reward_weight_zero_is_the_sampled_loss_exactly():
     hybrid0, g0 = loss_and_grads(0, reward_adv)
     assert torch.equal(plain, hybrid0) and all(torch.equal(a, b) for a, b in zip(g_plain, g0))
     hybrid1, g1 = loss_and_grads(1, reward_adv)  # the reward term is live: it changes the loss by its own PG
-    c = batch.prompt_len
-    pg = train.rl_loss(train.student_logits(student, batch, c, False), batch, reward_adv, n_tok)
+    student.zero_grad()
+    pg = rl_backward(student, batch, reward_adv) * batch.mask.sum() / n_tok
     torch.testing.assert_close(hybrid1, plain + pg.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -153,3 +164,43 @@ def test_bad_rl_input_fails_with_one_line(tmp_path, argv, msg):
     r = run("train.py", *argv, "--out", str(tmp_path / "x"), check=False)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("loss", ["rkl", "sampled"])
+def test_shared_prompt_student_forward_equals_every_row_on_its_own(loss, monkeypatch):
+    """--samples-per-prompt 3: the student's prompts run once each (their keys and values gathered into
+    their rows, gradient through them) with the same loss, logged reverse KL and gradients as running every
+    row, on prompts of two lengths (left padding) and completions that end at different steps."""
+    from model import prefill
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2, n_layer=3)
+    tok = load_tokenizer()
+    fmt = CharFormat(tok)
+    by_len = {len(fmt.prompt_ids(n, t)): (n, t, a) for n, t, a in load_split("train")[:200]}
+    probs = [by_len[min(by_len)], by_len[max(by_len)]]
+    prompts = [fmt.prompt_ids(n, t) for n, t, _ in probs for _ in range(3)]
+    assert len({len(p) for p in prompts}) == 2
+    ids, valid = left_pad(prompts, fmt.pad_id)
+    with torch.no_grad():
+        stops = [tok.token_to_id(c) for c in "123"]  # a random model rarely says EOS: stop at digits too
+        batch = generate(student, ids, valid, 8, stops, fmt.pad_id, temperature=1.0,
+                         generator=torch.Generator().manual_seed(3))
+        t_h = teacher(batch.tokens, batch.pos, batch.valid, out_from=batch.prompt_len - 1, head=hidden)[:, :-1]
+    assert len(set(batch.mask.sum(1).tolist())) > 1  # the rows end at different steps
+    args = train.parse_args(["--loss", loss, "--samples-per-prompt", "3", "--out", os.devnull])
+    run = train.Run(args, None, None, False, None, 0, 1, torch.device("cpu"), 0, 2, False, t_head=head_weight(teacher))
+    prefills = []
+    monkeypatch.setattr(train, "prefill", lambda *a, **k: prefills.append(len(a[5][0])) or prefill(*a, **k))
+    n_tok = batch.mask.sum()
+    out = {}
+    for share in (False, True):
+        student.zero_grad()
+        loss_val, rkl = train.student_forward(student, batch, batch.prompt_len, False, lambda h, w: train.distill_loss(
+            h, w, t_h, batch, n_tok, run), share_prompts=share)
+        loss_val.backward()
+        out[share] = loss_val.detach(), rkl, [p.grad.clone() for p in student.parameters()]
+    assert prefills == [2]  # the shared path ran, on the 2 distinct prompts
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[True][2], out[False][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(a.abs().sum() > 0 for a in out[True][2])
