@@ -197,8 +197,9 @@ def study_table(run_dirs, reach=()):
 
 
 def plot_runs(run_dirs, out):
-    """Val accuracy against steps, FLOPs and training minutes: one line per arm (the seeds' mean) with a
-    band of +- one std over seeds; the teacher's test accuracy dashed where a run logged it."""
+    """Val accuracy against steps, FLOPs and training minutes (log axes, from the first eval on): one line per
+    arm (the seeds' mean) with a band of +- one std over seeds; the teacher's test accuracy dashed where a
+    run logged it."""
     arms = load_arms(run_dirs)
     try:
         import matplotlib
@@ -212,8 +213,9 @@ def plot_runs(run_dirs, out):
     for arm, rs in arms.items():
         curve = mean_curve(rs)
         for ax, (_, i, _) in zip(axes, xs):
-            x = [c[i] for c in curve]
-            m, sd = [c[1] for c in curve], [c[2] for c in curve]
+            pts = curve if i == 0 else curve[1:]  # FLOPs and minutes on log axes: from the first eval on
+            x = [c[i] for c in pts]
+            m, sd = [c[1] for c in pts], [c[2] for c in pts]
             line, = ax.plot(x, m, label=f"{arm} ({len(rs)} seeds)" if ax is axes[0] else None, lw=1.6)
             ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
                             color=line.get_color(), alpha=0.15, lw=0)
@@ -222,7 +224,9 @@ def plot_runs(run_dirs, out):
         if teachers:
             ax.axhline(sum(teachers) / len(teachers), color="k", ls="--", lw=1)
         ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[1:]:
+        ax.set_xscale("log")
     axes[0].set_ylabel("val accuracy (307 held-out problems, greedy)")
     fig.legend(loc="lower center", ncol=min(5, len(arms)), frameon=False)
     fig.tight_layout(rect=(0, 0.1 if len(arms) > 5 else 0.06, 1, 1))

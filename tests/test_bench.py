@@ -145,7 +145,7 @@ def test_bench_samples_per_prompt_shares_prefills():
     shared, unshared = res["step_l1"], res["step_l1_unshared"]
     assert shared["teacher"]["gflop"] < unshared["teacher"]["gflop"]
     assert shared["rollout"]["gflop"] < unshared["rollout"]["gflop"]
-    assert shared["student"]["gflop"] == unshared["student"]["gflop"]
+    assert shared["student"]["gflop"] < unshared["student"]["gflop"]  # the student's prompts are shared too
     bad = subprocess.run(cmd[:-8] + ["--batch-size", "5", "--samples-per-prompt", "2"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a multiple" in bad.stderr
