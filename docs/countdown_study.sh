@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Countdown study (docs/countdown_study.md): each arm x 3 seeds from the shipped student, JOBS runs at a
-# time on one thread each, then the table and the figure. Rerunning resumes unfinished runs and skips
+# time on one thread each, then the table and the figures. Rerunning resumes unfinished runs and skips
 # finished ones.   OUT=runs/study STEPS=1500 JOBS=2 bash docs/countdown_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,8 +33,7 @@ start=$(date +%s)
 arms | xargs -P "$JOBS" -I{} bash -c 'one "{}"'
 echo "runs: $(( ($(date +%s) - start) / 60 )) min"
 dirs=$(ls -d "$OUT"/*-s[0-9]/)
-python eval_countdown.py --study $dirs --reach rkl-l0 0.3 rl > docs/countdown_study_table.md
+python eval_countdown.py --study $dirs --reach rkl-l0 0.3 rl
 main=$(ls -d "$OUT"/{sft,sft-teacher,rkl-l0,rkl-l0-seqkd,rkl-l1,rl,sampled+reward}-s[0-9]/)
 python eval_countdown.py --plot $main --out docs/countdown_study.png
 python eval_countdown.py --plot $(ls -d "$OUT"/rkl-l{0,0.25,0.5,0.75,1}-s[0-9]/) --out docs/countdown_lambda.png
-cat docs/countdown_study_table.md
