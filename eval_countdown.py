@@ -205,6 +205,7 @@ def plot_runs(run_dirs, out):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise ValueError("--plot needs matplotlib (pip install matplotlib)")
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), sharey=True)
@@ -227,6 +228,7 @@ def plot_runs(run_dirs, out):
         ax.grid(alpha=0.3, which="both")
     for ax in axes[1:]:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels on the decades only
     axes[0].set_ylabel("val accuracy (307 held-out problems, greedy)")
     fig.legend(loc="lower center", ncol=min(5, len(arms)), frameon=False)
     fig.tight_layout(rect=(0, 0.1 if len(arms) > 5 else 0.06, 1, 1))
