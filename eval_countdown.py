@@ -61,17 +61,22 @@ def summarize(rows):
                 mean_tokens=sum(r["n_tokens"] for r in rows) / n, n=len(rows))
 
 
+def read_run(d):
+    """(args.json, the records of metrics.jsonl) of a run directory; ValueError (one line) otherwise."""
+    try:
+        with open(os.path.join(d, "args.json")) as f:
+            a = json.load(f)
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            return a, [json.loads(line) for line in f]
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d}: not a run directory ({e})")
+
+
 def run_table(run_dirs):
     """Markdown table of distillation runs, seeds of the same setting pooled (mean +- std)."""
     groups = {}
     for d in run_dirs:
-        try:
-            with open(os.path.join(d, "args.json")) as f:
-                a = json.load(f)
-            with open(os.path.join(d, "metrics.jsonl")) as f:
-                recs = [json.loads(line) for line in f]
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{d}: not a finished run ({e})")
+        a, recs = read_run(d)
         final = [r for r in recs if "student_test_accuracy_after" in r]
         start = [r for r in recs if "student_test_accuracy_before" in r]
         if not final or not start:
@@ -108,13 +113,7 @@ def load_run(d):
     """A run directory as a dict: arm (the directory name without its -s<seed>), seed, args, test accuracy
     before / after and the teacher's (None where not logged), and its val curve: (step, val accuracy,
     cumulative FLOPs, training minutes, student samples) at every eval."""
-    try:
-        with open(os.path.join(d, "args.json")) as f:
-            a = json.load(f)
-        with open(os.path.join(d, "metrics.jsonl")) as f:
-            recs = [json.loads(line) for line in f]
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{d}: not a run directory ({e})")
+    a, recs = read_run(d)
     first = {k: v for r in recs if r.get("step") == 0 for k, v in r.items()}
     after = [r["student_test_accuracy_after"] for r in recs if "student_test_accuracy_after" in r]
     at = {r["step"]: r for r in recs if "loss" in r}  # the training record of each step

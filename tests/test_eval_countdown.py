@@ -31,7 +31,7 @@ def test_table_pools_seeds(tmp_path):
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     # mean 40.0, sample std 10.0, 50% of the teacher, (0.4 - 0.2) / (0.8 - 0.2) = 0.33 of the gap
     assert cells[1:] == ["-", "0.5", "rkl", "-", "0,1,2", "100", "20.0", "40.0 +- 10.0", "50%", "+0.33", "2.0"]
-    with pytest.raises(ValueError, match="not a finished run"):
+    with pytest.raises(ValueError, match="not a run directory"):
         eval_countdown.run_table([str(tmp_path / "missing")])
 
 
