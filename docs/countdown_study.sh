@@ -16,6 +16,7 @@ arms() {  # name|flags, seed-major so that whole seeds finish first
     echo "rkl-l0-seqkd-s$s|$c --lmbda 0 --seq-kd"                                   # sequence-level KD
     for l in 0.25 0.5 0.75 1; do echo "rkl-l$l-s$s|$c --lmbda $l"; done            # the lambda mix
     echo "rl-s$s|$c --stage rl --samples-per-prompt 8 --lr 2e-5"                    # RL on the verifier
+    echo "sampled-s$s|$c --loss sampled --samples-per-prompt 8"                     # OPD as RL, no reward
     echo "sampled+reward-s$s|$c --loss sampled --samples-per-prompt 8 --reward-weight 1"  # distill + reward
   done
 }
@@ -34,6 +35,6 @@ arms | xargs -P "$JOBS" -I{} bash -c 'one "{}"'
 echo "runs: $(( ($(date +%s) - start) / 60 )) min"
 dirs=$(ls -d "$OUT"/*-s[0-9]/)
 python eval_countdown.py --study $dirs --reach rkl-l0 0.3 rl
-main=$(ls -d "$OUT"/{sft,sft-teacher,rkl-l0,rkl-l0-seqkd,rkl-l1,rl,sampled+reward}-s[0-9]/)
+main=$(ls -d "$OUT"/{sft,sft-teacher,rkl-l0,rkl-l0-seqkd,rkl-l1,rl,sampled,sampled+reward}-s[0-9]/)
 python eval_countdown.py --plot $main --out docs/countdown_study.png
 python eval_countdown.py --plot $(ls -d "$OUT"/rkl-l{0,0.25,0.5,0.75,1}-s[0-9]/) --out docs/countdown_lambda.png
