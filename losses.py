@@ -68,8 +68,9 @@ def token_logprobs(logits, tokens, chunk_size=0):
     return _TokenLogprobs.apply(logits, tokens, chunk_size)
 
 
-def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature):
-    """Per-position divergence [N] and its gradient w.r.t. the student logits [N, V], both analytic.
+def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature, grad=True):
+    """Per-position divergence [N] and its gradient w.r.t. the student logits [N, V] (None when not
+    grad: a forward that recomputes it in backward need not form it), both analytic.
 
     Written so that identical inputs give exactly 0 and an exactly-0 gradient (no round-off that Adam
     would amplify into a real step)."""
@@ -79,11 +80,11 @@ def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature):
     ps = log_ps.exp()
     if loss == "fkl":
         pt = log_pt.exp()
-        return (pt * (log_pt - log_ps)).sum(-1), (ps - pt) / temperature
+        return (pt * (log_pt - log_ps)).sum(-1), (ps - pt) / temperature if grad else None
     if loss == "rkl":
         d = log_ps - log_pt
         val = (ps * d).sum(-1)
-        return val, ps * (d - val[:, None]) / temperature
+        return val, ps * (d - val[:, None]) / temperature if grad else None
     if loss == "jsd":
         if not 0 < beta < 1:
             raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
@@ -94,6 +95,8 @@ def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature):
                            d.clamp(min=0) + torch.log(beta + (1 - beta) * torch.exp(-d.clamp(min=0))))
         lm_t = lm_s - d  # log m - log p_T
         val = -beta * (log_pt.exp() * lm_t).sum(-1) - (1 - beta) * (ps * lm_s).sum(-1)
+        if not grad:
+            return val, None
         g = -(1 - beta) * lm_s  # dJ/dp_S (the terms through m cancel), then through the softmax
         return val, ps * (g - (ps * g).sum(-1, keepdim=True)) / temperature
     raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
@@ -126,7 +129,7 @@ class _MaskedDivergence(torch.autograd.Function):
         total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
         for i in range(0, where.size(0), step):
             r = tuple(where[i:i + step].unbind(1))  # the chunk's positions, in row-major order
-            total = total + _divergence_and_grad(s[r], t[r], loss, beta, temperature)[0].sum()
+            total = total + _divergence_and_grad(s[r], t[r], loss, beta, temperature, grad=False)[0].sum()
         ctx.save_for_backward(s_logits, t_logits, where)
         ctx.args = loss, beta, temperature, step
         return total
@@ -145,7 +148,7 @@ class _MaskedDivergence(torch.autograd.Function):
 
 def per_token_divergence(s_logits, t_logits, loss, beta=0.5, temperature=1.0):
     """[N, V] student and teacher logits -> [N] divergence per position (no gradient)."""
-    return _divergence_and_grad(s_logits.detach(), t_logits.detach(), loss, beta, temperature)[0]
+    return _divergence_and_grad(s_logits.detach(), t_logits.detach(), loss, beta, temperature, grad=False)[0]
 
 
 def divergence_sum(s_logits, t_logits, mask, loss, beta=0.5, temperature=1.0, chunk_size=0):
@@ -220,7 +223,7 @@ class _HeadDivergence(torch.autograd.Function):
         rkl = h_s.new_zeros((), dtype=torch.float32)
         for i in range(0, len(h_s), step):
             s, t = _logits(h_s[i:i + step], w_s), _logits(h_t[i:i + step], w_t)
-            val = _divergence_and_grad(s, t, loss, beta, temperature)[0]
+            val = _divergence_and_grad(s, t, loss, beta, temperature, grad=False)[0]
             total = total + val.sum()
             if metric is not None:
                 m = metric[i:i + step]
