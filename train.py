@@ -126,6 +126,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tokenizer", default=TOKENIZER_PATH)
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Fill the stage's defaults and refuse flags that contradict each other (p.error: one line, exit 2)."""
     sft, rl = args.stage == "sft", args.stage == "rl"
     for name, dflt in (("steps", (1000, 800)), ("batch_size", (256, 64)), ("lr", (2e-3, 2e-4)),
                        ("warmup", (100, 20)), ("eval_every", (250, 200))):
@@ -173,7 +179,6 @@ def parse_args(argv=None):
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
-    return args
 
 
 
@@ -395,8 +400,7 @@ def train_step(step, rows, model, teacher, optimizer, run):
         times[part], t = time.perf_counter() - t, time.perf_counter()
 
     batch, flops = make_batch(step, rows, model, teacher, run)
-    n_local_tok = batch.mask.sum().item()
-    n_tok = all_sum(n_local_tok, run.device)  # completion tokens of the whole step, all ranks
+    n_tok = all_sum(batch.mask.sum().item(), run.device)  # completion tokens of the whole step, all ranks
     # the verifier on the student's samples (bench.py's synthetic rows have no problem to verify)
     reward = rewards(batch, rows, run) if batch.on_policy.any() and rows[0].problem else None
     reward_adv = step_reward_advantage(reward, run) if args.stage == "rl" or args.reward_weight else None
@@ -406,7 +410,6 @@ def train_step(step, rows, model, teacher, optimizer, run):
     c = 1 if run.cross else batch.prompt_len
     distill = args.stage == "distill"
     t_out, cb = teacher_scores(teacher, batch, rows, step, run) if distill else (None, None)
-    flops += teacher_flops(teacher, batch, cb, run) if distill else 0  # its head runs in the loss (below)
     lap("teacher")
     if cb is not None:
         loss, rkl = cross_distill_loss(student_forward(model, batch, c, run.autocast), t_out, batch, cb, n_tok, run)
@@ -416,15 +419,9 @@ def train_step(step, rows, model, teacher, optimizer, run):
                    "distill": lambda h, w: distill_loss(h, w, t_out, batch, n_tok, run, reward_adv)}[args.stage]
         loss, rkl = student_forward(model, batch, c, run.autocast, loss_fn, run.share_prompts)
     (loss * run.world).backward()  # FSDP averages gradients over ranks; the loss is already per step token
-    if cb is not None:
-        flops += flops_train(model.cfg, *batch.tokens.shape, n_out=batch.tokens.size(1))
-    else:  # forward and backward (3x) as teacher.score runs its forward, then the fused heads
-        flops += 3 * flops_score(model.cfg, len(batch.tokens), c, batch.tokens.size(1),
-                                 prefill_rows(batch.tokens[:, :c], batch.valid[:, :c], run.share_prompts and c > 1),
-                                 head=False)
-        flops += flops_fused_loss(model.cfg, teacher.cfg if distill else None, n_local_tok,
-                                  teacher_passes=1 if args.loss == "sampled" else 2)
     lap("student")
+    flops += teacher_flops(teacher, batch, cb, run) if distill else 0
+    flops += student_flops(model, teacher if distill else None, batch, c, cb, run)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)
@@ -445,6 +442,19 @@ def train_step(step, rows, model, teacher, optimizer, run):
         if cb is not None:  # share of completion tokens in spans of one token on each side
             out["one_to_one_frac"] = all_sum(cb.one_to_one.sum().item(), run.device) / n_tok
     return out
+
+
+def student_flops(model, teacher, batch, c, cb, run):
+    """FLOPs of the student's part: its forward + backward (3x) laid out as teacher.score's forward (prompts
+    once per group when shared), then the heads the fused loss runs on the completion tokens (the teacher's
+    too: None for SFT and RL); across tokenizers a plain forward + backward with logits everywhere."""
+    if cb is not None:
+        return flops_train(model.cfg, *batch.tokens.shape, n_out=batch.tokens.size(1))
+    share = run.share_prompts and c > 1
+    body = 3 * flops_score(model.cfg, len(batch.tokens), c, batch.tokens.size(1),
+                           prefill_rows(batch.tokens[:, :c], batch.valid[:, :c], share), head=False)
+    return body + flops_fused_loss(model.cfg, teacher.cfg if teacher is not None else None, batch.mask.sum().item(),
+                                   teacher_passes=1 if run.args.loss == "sampled" else 2)
 
 
 def teacher_flops(teacher, batch, cb, run):
@@ -627,13 +637,10 @@ def text_files(ckpt, tokenizer):
     others = [f for f in side_files(ckpt) if os.path.basename(f) != "tokenizer.json"] if ckpt else []
     return [own if own and os.path.isfile(own) else tokenizer] + others
 
-# ------------------------------------------------------------------------------------------------- main
-
-def main(argv=None):
-    args = parse_args(argv)
-    distill = args.stage == "distill"
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and latest_checkpoint(args.out) is not None:
-        args.resume = True  # torchrun --max-restarts restarted this job: continue from the latest checkpoint
+def setup(args):
+    """Models from disk, a writable run directory, the process group, the sharded models and the Run every
+    step reads: (run, student, teacher or None, resume state or None, the student's text files). Bad input
+    stops here with one line, before any training."""
     try:
         student, fmt, teacher, t_fmt, cross, resume_state, files = load_models(args)
     except (CheckpointError, ValueError) as e:
@@ -652,8 +659,7 @@ def main(argv=None):
         fail(str(e))
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    # on-policy rows of every step (parse_args: lambda x batch is whole); RL samples every row
-    n_on = {"sft": 0, "rl": args.batch_size, "distill": round(args.lmbda * args.batch_size)}[args.stage]
+    n_on = on_policy_rows(args)
     if n_on % args.samples_per_prompt or n_on % world:
         fail(f"--lmbda * --batch-size = {n_on} on-policy rows is not a multiple of --samples-per-prompt "
              f"{args.samples_per_prompt} and of the {world} processes")
@@ -661,7 +667,7 @@ def main(argv=None):
     teacher = shard(teacher.to(device), device) if teacher is not None else None
     run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,
               device, fmt.pad_id, fmt.eos_ids, autocast=False,  # CUDA: bf16 through FSDP's policy (shard)
-              t_head=head_weight(teacher, compute_dtype(device)) if distill else None)
+              t_head=head_weight(teacher, compute_dtype(device)) if args.stage == "distill" else None)
     if rank == 0 and cross and args.loss != "sampled":
         print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "
               "collapsed a number-level student under a char-level teacher on Countdown (docs/cross_tokenizer.md);"
@@ -669,6 +675,43 @@ def main(argv=None):
     if rank == 0:
         print(f"student: {num_params(model) / 1e6:.3f}M params {model.cfg}" +
               (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if teacher is not None else ""))
+    return run, model, teacher, resume_state, files
+
+
+def on_policy_rows(args):
+    """The student-sampled rows of every step (parse_args: lambda x batch is whole); RL samples every row."""
+    return {"sft": 0, "rl": args.batch_size, "distill": round(args.lmbda * args.batch_size)}[args.stage]
+
+
+def start_of_run(model, teacher, run, val, test, eval_tokens, log, examples):
+    """Where the student starts and where the teacher is: test accuracies, the student's held-out reverse KL
+    (distill) and its val accuracy (the curves' origin), logged at step 0; their summary dict."""
+    summary = {}
+    if teacher is not None:
+        summary["teacher_test_accuracy"] = evaluate(teacher, run.t_fmt, test, run.rank, run.world, run.device,
+                                                    eval_tokens)["accuracy"]
+    summary["student_test_accuracy_before"] = evaluate(model, run.fmt, test, run.rank, run.world, run.device,
+                                                       eval_tokens, examples)["accuracy"]
+    if run.args.stage == "distill":
+        summary["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
+    val_before = evaluate(model, run.fmt, val, run.rank, run.world, run.device, eval_tokens)["accuracy"]
+    log(dict(step=0, **summary, val_accuracy=val_before))
+    if run.rank == 0:
+        print("test accuracy: " + (f"teacher {summary['teacher_test_accuracy']:.3f}, " if teacher is not None else "")
+              + f"student before {summary['student_test_accuracy_before']:.3f}"
+              + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary.get("student_val_rkl_before")))
+    return summary
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    distill = args.stage == "distill"
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and latest_checkpoint(args.out) is not None:
+        args.resume = True  # torchrun --max-restarts restarted this job: continue from the latest checkpoint
+    run, model, teacher, resume_state, files = setup(args)
+    rank, world, device, fmt, cross = run.rank, run.world, run.device, run.fmt, run.cross
+    n_on = on_policy_rows(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     start, t_train, flops, samples = 0, 0.0, 0.0, 0  # the compute axis: training time, FLOPs, student samples
@@ -693,20 +736,8 @@ def main(argv=None):
     # cut shorter, e.g. to fit a cross-tokenizer teacher's context; chat models get --max-new-tokens
     eval_tokens = max(24, args.max_new_tokens)
     summary, before, after = {}, [], []
-    if start == 0:  # where the student starts, and where the teacher is
-        if teacher is not None:
-            summary["teacher_test_accuracy"] = evaluate(teacher, t_fmt, test, rank, world, device,
-                                                        eval_tokens)["accuracy"]
-        summary["student_test_accuracy_before"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
-                                                           before)["accuracy"]
-        if distill:
-            summary["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
-        val_before = evaluate(model, fmt, val, rank, world, device, eval_tokens)["accuracy"]  # a curve's origin
-        log(dict(step=0, **summary, val_accuracy=val_before))
-        if rank == 0:
-            print("test accuracy: " + (f"teacher {summary['teacher_test_accuracy']:.3f}, " if teacher is not None else "")
-                  + f"student before {summary['student_test_accuracy_before']:.3f}"
-                  + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary.get("student_val_rkl_before")))
+    if start == 0:
+        summary = start_of_run(model, teacher, run, val, test, eval_tokens, log, before)
     elif rank == 0:  # resumed: the start-of-run accuracies were logged at step 0
         with open(os.path.join(args.out, "metrics.jsonl")) as f:
             summary = {k: v for rec in map(json.loads, f) if rec["step"] == 0 for k, v in rec.items()
