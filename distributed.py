@@ -62,6 +62,16 @@ def decoding(model):
             model.set_reshard_after_forward(True)
 
 
+@torch.no_grad()
+def copy_full_weights(src, dst):
+    """dst's parameters := src's whole weights, gathered from FSDP's shards (an all-gather each), cast to
+    dst's dtype in place: dst's tensors keep their addresses."""
+    from torch.distributed.tensor import DTensor
+    params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        params[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+
 def all_sum(x, device):
     t = torch.tensor(float(x), device=device, dtype=torch.float64)
     dist.all_reduce(t)

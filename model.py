@@ -84,11 +84,68 @@ class KVCache:
         new.shape, new.max_len = (self.shape[0], len(index), *self.shape[2:]), self.max_len
         return new
 
+    def begin(self, T, valid, device):
+        """Mark slots len..len+T real where `valid` says so (None: all); return the attention mask of these T
+        queries over the filled slots [B, 1, T, len+T]."""
+        s0, s1 = self.len, self.len + T
+        if s1 > self.max_len:
+            raise ValueError(f"KV cache full: {s1} > {self.max_len} slots")
+        self.valid[:, s0:s1] = True if valid is None else valid
+        if T == 1:  # one decode step: the query is the newest slot and may see every real filled slot
+            # (the last prompt token is real in every row, so no row of the mask is all False)
+            return self.valid[:, None, None, :s1]
+        # causal & key is real; a query always sees itself, so rows of padding never go all -inf
+        qs = torch.arange(s0, s1, device=device)[:, None]
+        ks = torch.arange(s1, device=device)[None, :]
+        return (((ks <= qs) & self.valid[:, None, :s1]) | (ks == qs)).unsqueeze(1)
 
-class GradKV:
+    def advance(self, T):
+        self.len += T
+
+
+class StaticKVCache:
+    """KVCache storage seen with shapes that never change, so that the one-token decode step compiles once
+    (torch.compile; CUDA graphs on GPU): the slot to write is a tensor, not a Python int, and every step
+    attends over all max_len slots, the unfilled ones masked out by `valid`. load() copies a prefilled
+    KVCache in, so one StaticKVCache serves every rollout of its shape at the same addresses (CUDA graphs
+    replay on them). The same keys, values and masks as the KVCache: the same logits, up to the order of
+    float sums. One token per forward."""
+
+    def __init__(self, shape, max_len, dtype, device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(shape[1], max_len, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.max_len = max_len
+        for t in (self.k, self.v, self.valid, self.slot):  # torch.compile: the storage never moves
+            torch._dynamo.mark_static_address(t)
+
+    def load(self, cache):
+        self.k.copy_(cache.k)
+        self.v.copy_(cache.v)
+        self.valid.copy_(cache.valid)
+        self.slot.fill_(cache.len)
+        return self
+
+    def update(self, layer, k, v):
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def begin(self, T, valid, device):
+        if T != 1:
+            raise ValueError("a StaticKVCache takes one token per forward")
+        self.valid.index_copy_(1, self.slot, torch.ones_like(self.valid[:, :1]) if valid is None else valid)
+        return self.valid[:, None, None, :]
+
+    def advance(self, T):
+        self.slot += T  # in place: the compiled step reads it, so the next step needs no new input
+
+
+class GradKV(KVCache):
     """A KV cache for a forward with gradients: each layer's keys/values are the autograd graph's own tensors,
-    extended by concatenation instead of written in place, so a loss on later tokens sends its gradient
-    back through the cached ones. With rows() a prompt shared by several rows runs once and its keys and
+    extended by concatenation instead of written in place (the masks are KVCache's), so a loss on later
+    tokens sends its gradient back through the cached ones. With rows() a prompt shared by several rows runs once and its keys and
     values are gathered into every row (train.py's student with --samples-per-prompt > 1)."""
 
     def __init__(self, cfg, batch_size, max_len, device=None):
@@ -273,17 +330,7 @@ class GPT(nn.Module):
         cos, sin = self.rope(pos, self.head.weight.dtype)
         mask = last_mask = None  # None = plain causal
         if cache is not None:
-            s0, s1 = cache.len, cache.len + T
-            if s1 > cache.max_len:
-                raise ValueError(f"KV cache full: {s1} > {cache.max_len} slots")
-            cache.valid[:, s0:s1] = True if valid is None else valid
-            if T == 1:  # one decode step: the query is the newest slot and may see every real filled slot
-                # (the last prompt token is real in every row, so no row of the mask is all False)
-                mask = cache.valid[:, None, None, :s1]
-            else:  # causal & key is real; a query always sees itself, so rows of padding never go all -inf
-                qs = torch.arange(s0, s1, device=idx.device)[:, None]
-                ks = torch.arange(s1, device=idx.device)[None, :]
-                mask = (((ks <= qs) & cache.valid[:, None, :s1]) | (ks == qs)).unsqueeze(1)
+            mask = cache.begin(T, valid, idx.device)
         elif valid is not None and not bool(valid.all()):
             ar = torch.arange(T, device=idx.device)
             mask = ((ar[None, :] <= ar[:, None]) & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=idx.device)
@@ -302,7 +349,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.len += T
+            cache.advance(T)
         x = self.norm(x)
         return self.head(x) if head is None else head(x, self.head.weight)
 

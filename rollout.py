@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import distinct_rows, positions_from_valid, prefill
+from model import StaticKVCache, distinct_rows, positions_from_valid, prefill
 
 
 @dataclass
@@ -100,9 +100,36 @@ def sample_token(logits, temperature, top_k=None, generator=None, noise=None):
     return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
+def decode_step(model, tok, pos, live, cache):
+    """One token per row [B, 1] through the model, appended to the cache: the next-token logits [B, V]."""
+    return model(tok, pos, live, cache)[:, -1]
+
+
+_compiled, _static_caches = {}, {}
+
+
+def compiled_decode_step(device_type):
+    """decode_step compiled for fixed shapes (a StaticKVCache): inductor on CPU; on CUDA, CUDA graphs
+    ("reduce-overhead"), so a step is one graph replay instead of a few hundred kernel launches. Compiled
+    once per process and device type; a new batch size or cache length compiles again."""
+    if device_type not in _compiled:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _compiled[device_type] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
+    return _compiled[device_type]
+
+
+def static_cache(cache):
+    """A prefilled KVCache copied into the StaticKVCache kept for its shape (allocated once, reused by every
+    later rollout of that shape: the addresses CUDA graphs replay on)."""
+    key = (tuple(cache.k.shape), cache.k.dtype, cache.k.device)
+    if key not in _static_caches:
+        _static_caches[key] = StaticKVCache(cache.k.shape, cache.max_len, cache.k.dtype, cache.k.device)
+    return _static_caches[key].load(cache)
+
+
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
-             temperature=1.0, top_k=None, generator=None, rows=None, n_rows=None, share_prompts=True):
+def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None,
+             generator=None, rows=None, n_rows=None, share_prompts=True, compile=False, cache_len=None):
     """Sample completions for left-padded prompts with a preallocated KV cache.
 
     rows / n_rows: these B prompts are rows `rows` (a LongTensor [B]) of a global batch of n_rows
@@ -117,12 +144,20 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
     several; a row stops at the first of any). Under torch.distributed with several ranks, every rank runs
     the same number of steps (an all-reduce of "anyone still running" per step), as FSDP's collectives
     require.
+    compile: decode with compiled_decode_step over a StaticKVCache of cache_len slots (default P +
+    max_new_tokens; give the longest prompt + max_new_tokens, so batches of shorter prompts reuse the
+    compiled step). The same tokens as the eager step, given the same noise, up to float rounding.
     Returns a Batch whose logprobs are log-softmax of the model's (untempered) logits at the sampled tokens."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
     pos = positions_from_valid(prompt_valid)
     groups = distinct_rows(prompt_ids, prompt_valid) if share_prompts else None
-    logits, cache = prefill(model, prompt_ids, pos, prompt_valid, P + max_new_tokens, groups)
+    if cache_len is not None and cache_len < P + max_new_tokens:
+        raise ValueError(f"cache_len {cache_len} < prompt {P} + max_new_tokens {max_new_tokens}")
+    logits, cache = prefill(model, prompt_ids, pos, prompt_valid, cache_len or P + max_new_tokens, groups)
+    step = decode_step
+    if compile:
+        cache, step = static_cache(cache), compiled_decode_step(device.type)
     next_pos = pos[:, -1] + 1  # the last prompt column is real in every row (left padding)
     toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
@@ -155,7 +190,7 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id,
         elif not bool(running.any()):
             break
         if t + 1 < max_new_tokens:
-            logits = model(tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1], cache)[:, -1]
+            logits = step(model, tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1], cache)
     toks, lps, live = toks[:, :n], lps[:, :n], live[:, :n]
     return Batch(tokens=torch.cat([prompt_ids, toks], 1), valid=torch.cat([prompt_valid, live], 1),
                  mask=torch.cat([torch.zeros_like(prompt_valid), live], 1), prompt_len=P,

@@ -41,7 +41,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pr
                         resolve_checkpoint, restore, save_checkpoint, side_files)
 from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
 from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
-from distributed import all_sum, compute_dtype, decoding, setup_dist, shard
+from distributed import all_sum, compute_dtype, copy_full_weights, decoding, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
 from flops import flops_fused_loss, flops_generate, flops_score, flops_train
 from losses import (LOSSES, distill_advantage, head_divergence_loss, head_divergence_sum, head_token_logprobs,
@@ -101,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
                    "chat model's <answer> needs more: 64-256")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
+    p.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
+                   "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
     # RL, and distillation plus reward
     p.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
                    "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
@@ -205,6 +207,8 @@ class Run:
                                 # bf16 on CUDA from FSDP's policy (shard) and run fp32 on CPU
     share_prompts: bool = True  # one prefill per distinct prompt (rollout and teacher); False to measure it
     t_head: torch.Tensor = None  # the teacher's output head, whole on every rank (teacher.head_weight)
+    cache_len: int = None       # --compile: the rollouts' KV cache slots, fixed (the longest prompt + budget)
+    replicas: dict = field(default_factory=dict)  # --compile: id(model) -> its plain copy (decode_replica)
 
     def sync(self):  # part timings mean something on CUDA only after the queued kernels ran
         if self.device.type == "cuda":
@@ -249,13 +253,28 @@ def sample(model, prompts, run, step, stream):
     g = torch.Generator(run.device).manual_seed(rollout_seed(args.seed, step, stream))
     ids, valid = left_pad(prompts, run.pad, run.device)
     n_rows = len(prompts) * run.world  # every rank holds the same number of this stream's rows
-    with decoding(model), torch.autocast(run.device.type, torch.bfloat16, enabled=run.autocast):
-        batch = generate(model, ids, valid, args.max_new_tokens, run.eos, run.pad, temperature=args.temperature,
+    decoder = decode_replica(model, run) if args.compile else model
+    with decoding(decoder), torch.autocast(run.device.type, torch.bfloat16, enabled=run.autocast):
+        batch = generate(decoder, ids, valid, args.max_new_tokens, run.eos, run.pad, temperature=args.temperature,
                          top_k=args.top_k or None, generator=g, rows=range(run.rank, n_rows, run.world),
-                         n_rows=n_rows, share_prompts=run.share_prompts)
+                         n_rows=n_rows, share_prompts=run.share_prompts, compile=args.compile,
+                         cache_len=run.cache_len)
     P = ids.size(1)
     flops = flops_generate(model.cfg, len(ids), P, batch.tokens.size(1) - P, prefill_rows(ids, valid, run.share_prompts))
     return batch.completions(), batch.completion_logprobs(), flops
+
+
+def decode_replica(model, run):
+    """--compile: a plain, unsharded GPT holding model's current weights in the compute dtype, for the compiled
+    decode step (FSDP's hooks do not compile). One per model, kept across steps and refreshed in place, so
+    its weights stay at the addresses CUDA graphs replay on. Costs a whole copy of the model per rank; FSDP
+    holds every block whole while decoding anyway (decoding)."""
+    replica = run.replicas.get(id(model))
+    if replica is None:
+        replica = GPT(model.cfg).to(run.device, compute_dtype(run.device)).requires_grad_(False)
+        run.replicas[id(model)] = replica
+    copy_full_weights(model, replica)
+    return replica
 
 
 def prefill_rows(ids, valid, share):
@@ -668,6 +687,8 @@ def setup(args):
     run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,
               device, fmt.pad_id, fmt.eos_ids, autocast=False,  # CUDA: bf16 through FSDP's policy (shard)
               t_head=head_weight(teacher, compute_dtype(device)) if args.stage == "distill" else None)
+    if args.compile:
+        run.cache_len = max(longest_prompt(f) for f in (fmt, t_fmt) if f is not None) + args.max_new_tokens
     if rank == 0 and cross and args.loss != "sampled":
         print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "
               "collapsed a number-level student under a char-level teacher on Countdown (docs/cross_tokenizer.md);"

@@ -163,3 +163,48 @@ def test_shared_prompt_prefill_samples_what_every_row_prefilled_samples():
     assert torch.equal(out[0].tokens, out[1].tokens) and torch.equal(out[0].mask, out[1].mask)
     torch.testing.assert_close(out[0].logprobs, out[1].logprobs, rtol=1e-5, atol=1e-6)
     assert len({tuple(c) for c in out[0].completions()[:4]}) > 1  # the samples of one prompt differ
+
+
+@torch.no_grad()
+def test_static_cache_decodes_what_the_growing_cache_decodes():
+    """The StaticKVCache step (tensor slot, attention over every slot, the unfilled ones masked), eager: the
+    same logits as the KVCache step, token after token, on left-padded prompts."""
+    from model import KVCache, StaticKVCache, positions_from_valid, prefill
+    model = tiny_model(3, n_layer=2).eval()
+    ids, valid = left_pad(random_prompts(7, lengths=(2, 6, 4)), PAD)
+    pos = positions_from_valid(valid)
+    _, cache = prefill(model, ids, pos, valid, ids.size(1) + 9)
+    static = StaticKVCache(cache.k.shape, cache.max_len, cache.k.dtype, "cpu").load(cache)
+    tok, nxt = ids[:, -1:], pos[:, -1:] + 1
+    for t in range(8):
+        a = model(tok, nxt + t, None, cache)[:, -1]
+        b = model(tok, nxt + t, None, static)[:, -1]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        tok = a.argmax(-1, keepdim=True)
+    assert int(static.slot) == cache.len and torch.equal(static.valid, cache.valid)
+    torch.testing.assert_close(static.k[:, :, :, :cache.len], cache.k[:, :, :, :cache.len], rtol=1e-5, atol=1e-6)
+    assert not static.k[:, :, :, cache.len:].any()  # the slots past the last written one stay empty
+
+
+@torch.no_grad()
+def test_compiled_decode_samples_what_eager_decode_samples():
+    """--compile: the decode step compiled (inductor) over a StaticKVCache longer than needed samples the
+    eager rollout's tokens from the same noise, on a sharpened model with left-padded, repeated prompts and
+    rows stopping early; a second batch of the same shape reuses the compiled step (no new graph)."""
+    from torch._dynamo.utils import counters
+    model = tiny_model(5).eval()
+    for p in model.parameters():
+        p.mul_(4.0)
+    model.head.weight[EOS] += 0.3 * model.head.weight.std() * torch.randn_like(model.head.weight[EOS]).sign()
+    for i, seed in enumerate((3, 4)):
+        ps = [p for p in random_prompts(seed, lengths=(2, 6, 4)) for _ in range(2)] + random_prompts(6, lengths=(7,))
+        ids, valid = left_pad(ps, PAD)
+        run = lambda compile: generate(model, ids, valid, 12, EOS, PAD, temperature=1.0, compile=compile,  # noqa: E731
+                                       cache_len=24, generator=torch.Generator().manual_seed(seed))
+        eager, compiled = run(False), run(True)
+        assert torch.equal(eager.tokens, compiled.tokens) and torch.equal(eager.mask, compiled.mask)
+        torch.testing.assert_close(eager.logprobs, compiled.logprobs, rtol=1e-5, atol=1e-5)
+        assert any(len(c) < 12 for c in eager.completions())
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs > 0

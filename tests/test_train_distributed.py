@@ -54,6 +54,24 @@ def test_two_processes_compute_what_one_does(sharp_ckpts, tmp_path, loss, extra)
         assert json.load(f)["world_size"] == 2
 
 
+def test_compiled_rollouts_train_what_eager_ones_do(sharp_ckpts, tmp_path):
+    """--compile: the rollouts decode on a plain replica of the sharded student, refreshed every step, with
+    the compiled step over a static cache (the student's rows, and the teacher's seq-KD rows on its own
+    replica). 1 and 2 processes train what the eager rollout trains: the same samples, hence the same
+    losses and gradient norms, up to float rounding."""
+    teacher, student = sharp_ckpts
+    out = {}
+    for name, n, flags in (("eager", 1, []), ("compiled", 1, ["--compile"]), ("compiled2", 2, ["--compile"])):
+        run("train.py", "--teacher", teacher, "--student", student, "--out", str(tmp_path / name), "--steps", "3",
+            *DISTILL_ARGS, *flags, nproc=n)
+        out[name] = losses(str(tmp_path / name))
+    for a, b, c in zip(out["eager"], out["compiled"], out["compiled2"]):
+        assert a[0] == b[0] == c[0] and a[2] == b[2] == c[2] == 0.5
+        for i in (1, 3, 4):
+            assert a[i] == pytest.approx(b[i], rel=1e-4, abs=1e-6) and a[i] == pytest.approx(c[i], rel=1e-4, abs=1e-6)
+    assert len(out["eager"]) == 3
+
+
 def test_sigkill_then_resume_is_bit_identical(sharp_ckpts, tmp_path):
     teacher, student = sharp_ckpts
     args = ["--teacher", teacher, "--student", student, "--steps", "8", "--save-every", "2", *DISTILL_ARGS]
