@@ -203,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (meant for CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="also time the rollout with the compiled decode step "
+                   "(train.py --compile), side by side with eager; the first call's compile is reported")
     p.add_argument("--teacher", help="a checkpoint directory (e.g. hf/smollm2-135m-instruct): benchmark real shapes "
                    "(bench_checkpoints) instead of the reference workload")
     p.add_argument("--student", help="with --teacher: the student's checkpoint directory")
@@ -248,6 +250,20 @@ class PeakRSS:
         self.above = max(self.peak, self.rss()) - self.base
 
 
+class PeakCUDA:
+    """PeakRSS's interface on CUDA, from the allocator: `above` is the peak allocated over the allocated at entry."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.above = torch.cuda.max_memory_allocated() - self.base
+
+
 def fixed_mmap_threshold(nbytes=1 << 16):
     """glibc raises its mmap threshold after frees (up to 32 MB), after which freed blocks stay in the heap
     and the RSS no longer falls; a fixed threshold keeps big tensors as mmaps returned on free."""
@@ -273,12 +289,19 @@ def unfused_distill_step(student, teacher, batch, optimizer, args):
 def bench_checkpoints(args, load):
     """Real shapes: a Hugging Face teacher and student (e.g. SmolLM2-135M and its every-third-layer student),
     --batch-size random prompts of --prompt-len tokens and --new-tokens sampled tokens per row (no early stop),
-    fp32 on CPU. Measures the rollout's tokens/s, train.py's step split into its parts, and the step's peak
+    fp32 on CPU (--dtype bf16: autocast). Measures the rollout's tokens/s (eager, and with --compile the
+    compiled step, side by side), train.py's step split into its parts with its MFU, and the step's peak
     memory above its start (weights and optimizer state; the gradients are made during the step) with the
     head fused into the loss (train.py) and with both models' logits whole (unfused_distill_step), at
     --new-tokens and at twice as many."""
     fixed_mmap_threshold()
     device = torch.device(args.device)
+    bf16, cuda = args.dtype == "bf16", device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
+    Peak = PeakCUDA if cuda else PeakRSS
+    peak = matmul_peak(args.matmul_size or (8192 if cuda else 2048), device, torch.bfloat16 if bf16 else torch.float32,
+                       args.repeats, sync)
     teacher, _ = load_teacher(args.teacher)
     student = load_pretrained(args.student)
     if args.student_keep_layers:
@@ -296,7 +319,8 @@ def bench_checkpoints(args, load):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     grad_mb = sum(p.numel() * p.element_size() for p in student.parameters()) / 2 ** 20
-    res = dict(device=str(device), threads=torch.get_num_threads(), load_avg=load, batch=B, prompt_len=P,
+    res = dict(device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load, batch=B,
+               prompt_len=P, matmul_peak_gflops=peak,
                samples_per_prompt=S, loss=args.loss, student=args.student, student_keep_layers=args.student_keep_layers,
                teacher=args.teacher, student_params=num_params(student), teacher_params=num_params(teacher),
                vocab=V, grad_mb=grad_mb)
@@ -304,43 +328,66 @@ def bench_checkpoints(args, load):
         targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B),
                                   "--samples-per-prompt", str(S), "--max-new-tokens", str(N), "--lr", "1e-6",
                                   "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull])
-        run = train.Run(targs, None, None, False, None, 0, 1, device, 0, -1, autocast=False,
-                        t_head=head_weight(teacher))
+        run = train.Run(targs, None, None, False, None, 0, 1, device, 0, -1, autocast=bf16,
+                        t_head=head_weight(teacher, torch.bfloat16 if bf16 else None))
         rows = [train.Row(p, None, True, None) for p in prompts]
         train.train_step(0, rows, student, teacher, optimizer, run)  # warm-up; AdamW allocates its state
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            ids, valid = left_pad(prompts, 0, device)
-            generate(student, ids, valid, N, -1, 0, temperature=1.0, generator=torch.Generator().manual_seed(0))
-        t_roll = time.perf_counter() - t0
+        ids, valid = left_pad(prompts, 0, device)
+
+        def rollout(compile):
+            def fn():
+                sync()
+                t0 = time.perf_counter()
+                with torch.no_grad(), amp():
+                    generate(student, ids, valid, N, -1, 0, temperature=1.0, compile=compile,
+                             generator=torch.Generator(device).manual_seed(0))
+                sync()
+                return {"s": time.perf_counter() - t0}, None
+            return fn
+        fns = {"eager": rollout(False)} | ({"compiled": rollout(True)} if args.compile else {})
+        t_first = {k: fn()[0]["s"] for k, fn in fns.items()}  # warm-up: the compiled step compiles here
+        t_roll, _ = median_times(fns, args.repeats, warmups={k: lambda: None for k in fns})
         parts = []
         for _ in range(args.repeats):
-            with PeakRSS() as fused:
+            with Peak() as fused:
                 out = train.train_step(0, rows, student, teacher, optimizer, run)
             parts.append(dict(out["times"], peak_above_mb=fused.above / 2 ** 20))
         batch, _ = train.make_batch(0, rows, student, teacher, run)
-        with PeakRSS() as unfused:
+        with Peak() as unfused, amp():
             unfused_distill_step(student, teacher, batch, optimizer, targs)
         med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-        res[f"new_tokens_{N}"] = dict(rollout_tok_s=B * N / t_roll, step_s=sum(med[k] for k in out["times"]),
-                                      parts_s={k: med[k] for k in out["times"]}, step_gflop=out["flops"] / 1e9,
+        step_s = sum(med[k] for k in out["times"])
+        res[f"new_tokens_{N}"] = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()},
+                                      step_s=step_s, parts_s={k: med[k] for k in out["times"]},
+                                      step_gflop=out["flops"] / 1e9, step_mfu=out["flops"] / step_s / (peak * 1e9),
                                       peak_above_mb_fused=med["peak_above_mb"],
                                       peak_above_mb_unfused=unfused.above / 2 ** 20)
+        if args.compile:
+            res[f"new_tokens_{N}"]["compile_s"] = t_first["compiled"] - t_roll["compiled"]["s"]
     print(f"{args.teacher} -> {args.student}" + (f" (layers {args.student_keep_layers})" if args.student_keep_layers
                                                  else "") + f"; batch {B} x ({P} prompt + N new) random tokens, "
           f"loss {args.loss}, {device}, {torch.get_num_threads()} threads, load average at start {load:.1f}")
     print(f"student {res['student_params'] / 1e6:.1f}M, teacher {res['teacher_params'] / 1e6:.1f}M params, vocab {V}; "
           f"the student's gradients take {grad_mb:.0f} MiB")
-    print(f"{'N new':>6}{'rollout tok/s':>15}{'step s':>8}{'rollout':>9}{'teacher':>9}{'student':>9}{'optim':>7}"
-          f"{'GFLOP':>8}{'peak above start, fused':>25}{'unfused':>9}")
+    print(f"matmul peak ({args.matmul_size or (8192 if cuda else 2048)}^3 {args.dtype}): {peak:.1f} GFLOP/s")
+    print(f"{'N new':>6}{'rollout tok/s':>15}" + (f"{'compiled':>10}" if args.compile else "") +
+          f"{'step s':>8}{'rollout':>9}{'teacher':>9}{'student':>9}{'optim':>7}{'GFLOP':>8}{'MFU':>7}"
+          f"{'peak above start, fused':>25}{'unfused':>9}")
     for N in (args.new_tokens, 2 * args.new_tokens):
         r = res[f"new_tokens_{N}"]
-        print(f"{N:>6}{r['rollout_tok_s']:>15.0f}{r['step_s']:>8.2f}" + "".join(
-            f"{r['parts_s'][k]:>9.2f}" if k != "optimizer" else f"{r['parts_s'][k]:>7.2f}"
-            for k in ("rollout", "teacher", "student", "optimizer")) +
-            f"{r['step_gflop']:>8.0f}{r['peak_above_mb_fused']:>21.0f} MiB{r['peak_above_mb_unfused']:>5.0f} MiB")
-    print("(peak above start: the process's RSS during the step over its value before, sampled; the step makes "
-          "the gradients, so subtract those for the activations and loss alone)")
+        tok_s = r["rollout_tok_s"]
+        print(f"{N:>6}{tok_s['eager']:>15.0f}" + (f"{tok_s['compiled']:>10.0f}" if args.compile else "") +
+              f"{r['step_s']:>8.3f}" + "".join(
+                  f"{r['parts_s'][k]:>9.3f}" if k != "optimizer" else f"{r['parts_s'][k]:>7.3f}"
+                  for k in ("rollout", "teacher", "student", "optimizer")) +
+              f"{r['step_gflop']:>8.0f}{r['step_mfu']:>7.1%}{r['peak_above_mb_fused']:>21.0f} MiB"
+              f"{r['peak_above_mb_unfused']:>5.0f} MiB")
+    if args.compile:
+        print("compiling the decode step took " + ", ".join(f"{res[f'new_tokens_{N}']['compile_s']:.1f} s (N {N})"
+                                                            for N in (args.new_tokens, 2 * args.new_tokens)))
+    print("(peak above start: " + ("CUDA max allocated" if cuda else "the process's RSS, sampled,") + " during the "
+          "step over its value before; the step makes the gradients, so subtract those for the activations and "
+          "loss alone)")
     print(json.dumps(rounded(res)))
     if own_group:
         dist.destroy_process_group()
@@ -392,14 +439,19 @@ def main(argv=None):
             return {"s": time.perf_counter() - t0}, out
         return run
 
-    # -- 1. rollout: KV cache vs full recompute, the student, greedy; the last outputs are compared
+    # -- 1. rollout: KV cache vs full recompute (and the compiled step), the student, greedy; outputs compared
     reset_mem()
-    times, out = median_times(dict(
-        cache=timed(lambda: generate(student, ids, valid, N, no_eos, pad, temperature=0.0).tokens),
-        prefill=timed(lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N,  # as generate
-                                      distinct_rows(ids, valid))),
-        full=timed(lambda: generate_no_cache(student, ids, valid, N))), args.repeats,
-        warmups=dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2))))  # the costliest: warm briefly
+    decode = lambda compile=False: generate(student, ids, valid, N, no_eos, pad, temperature=0.0,  # noqa: E731
+                                            compile=compile).tokens
+    fns = dict(cache=timed(decode),
+               prefill=timed(lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N,  # as generate
+                                             distinct_rows(ids, valid))),
+               full=timed(lambda: generate_no_cache(student, ids, valid, N)))
+    warmups = dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2)))  # the costliest: warm briefly
+    if args.compile:  # the first call compiles: timed on its own, then side by side with the others
+        t_compile = timed(lambda: decode(True))()[0]["s"]
+        fns["compiled"], warmups["compiled"] = timed(lambda: decode(True)), lambda: None
+    times, out = median_times(fns, args.repeats, warmups)
     mem["rollout"] = train.peak_mem_mb(device)
     t_cache, t_prefill, t_full = (times[k]["s"] for k in ("cache", "prefill", "full"))
     same = torch.equal(out["cache"], out["full"])  # the speed-up is not bought with a different result
@@ -413,6 +465,18 @@ def main(argv=None):
                    prefill_s=t_prefill, decode_step_s=t_step, decode_step_floor_s=f_step / (peak * 1e9),
                    kv_cache_gflop=f_cache / 1e9, no_cache_gflop=f_full / 1e9,
                    kv_cache_mfu=f_cache / t_cache / (peak * 1e9), no_cache_mfu=f_full / t_full / (peak * 1e9))
+    try:  # the eager decode step's matmul and attention kernels alone: what a compiled step can approach
+        with torch.no_grad(), amp():
+            k_roll, k_pre = (kernel_floor(fn, args.repeats, sync)[0] for fn in (
+                decode, lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N, distinct_rows(ids, valid))))
+        rollout["decode_step_kernel_s"] = (k_roll - k_pre) / (N - 1)
+    except RuntimeError:
+        rollout["decode_step_kernel_s"] = None
+    if args.compile:
+        t_comp = times["compiled"]["s"]
+        rollout |= dict(compiled_tok_s=B * N / t_comp, compiled_s=t_comp, compile_s=t_compile - t_comp,
+                        compiled_speedup=t_cache / t_comp, compiled_same_tokens=torch.equal(out["compiled"], out["cache"]),
+                        compiled_decode_step_s=(t_comp - t_prefill) / (N - 1))
 
     # -- 2. distill steps, lambda = 1 (the student samples) and lambda = 0 (given completions), in turn: train.py's
     #       own train_step, on the models unsharded in a process group of one
@@ -502,7 +566,21 @@ def main(argv=None):
         print(f"{name:<30}{s * 1e3:>9.2f}{tok_s}{f / 1e9:>8.3f}{f / s / 1e9:>9.1f}{f / s / (peak * 1e9):>7.1%}")
     print(f"KV cache speed-up x{rollout['speedup']:.2f}; same greedy tokens: {same} ({agree:.1%} agree); "
           f"decode step {t_step * 1e3:.2f} ms vs FLOP floor {rollout['decode_step_floor_s'] * 1e3:.3f} ms "
-          f"(x{t_step / rollout['decode_step_floor_s']:.0f})\n")
+          f"(x{t_step / rollout['decode_step_floor_s']:.0f})")
+    k_step = rollout["decode_step_kernel_s"]
+    if k_step:
+        print(f"the eager decode step's matmul and attention kernels alone: {k_step * 1e3:.3f} ms")
+    if args.compile:
+        t_c, c_step = rollout["compiled_s"], rollout["compiled_decode_step_s"]
+        print(f"{'KV cache, compiled step':<30}{t_c * 1e3:>9.2f}{B * N / t_c:>9.0f}{f_cache / 1e9:>8.3f}"
+              f"{f_cache / t_c / 1e9:>9.1f}{f_cache / t_c / (peak * 1e9):>7.1%}")
+        print(f"{'  per decode step (mean)':<30}{c_step * 1e3:>9.2f}{'-':>9}{f_step / 1e9:>8.3f}{f_step / c_step / 1e9:>9.1f}"
+              f"{f_step / c_step / (peak * 1e9):>7.1%}")
+        print(f"compiled (--compile) x{rollout['compiled_speedup']:.2f} the eager KV cache's tok/s; same greedy tokens: "
+              f"{rollout['compiled_same_tokens']}; compiling took {rollout['compile_s']:.1f} s" +
+              (f"; decode step {c_step * 1e3:.3f} ms vs the eager step's kernels {k_step * 1e3:.3f} ms "
+               f"(x{c_step / k_step:.2f})" if k_step else ""))
+    print()
     heads = dict(l1="lambda=1", l0="lambda=0", l1_unshared="l=1 unshared")
     print(f"{'distill step':<20}" + "".join(f"{heads[n] + ': ms':>17}{'%':>5}{'GFLOP':>8}{'MFU':>7}" for n in variants))
     labels = dict(rollout="rollout + pack", teacher="teacher score", student="student fwd+bwd",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bench import KernelRecorder, flops_no_cache, generate_no_cache, kernel_floor
 from flops import flops_forward, flops_generate, flops_score, matmul_params
-from conftest import ROOT, tiny_model
+from conftest import ROOT, make_ckpt, tiny_model
 from rollout import generate, left_pad
 
 BENCH = dict(d_mlp=96, max_seq_len=32)  # the models here: MLP 3x the width, a context of 32
@@ -114,14 +114,15 @@ def test_kernel_recorder_sees_every_matmul_and_attention_call():
 def test_bench_runs_and_prints_json():
     cmd = [sys.executable, "bench.py", "--student-layers", "1", "--student-width", "16", "--student-heads", "2",
            "--teacher-layers", "1", "--teacher-width", "32", "--teacher-heads", "2", "--batch-size", "2",
-           "--prompt-len", "5", "--new-tokens", "3", "--repeats", "1", "--matmul-size", "64"]
+           "--prompt-len", "5", "--new-tokens", "3", "--repeats", "1", "--matmul-size", "64", "--compile"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"device", "dtype", "matmul_peak_gflops", "rollout", "step_l1", "step_l0", "peak_mem_mb"} <= set(res)
     assert {"kv_cache_tok_s", "no_cache_tok_s", "speedup", "same_tokens", "decode_step_s"} <= set(res["rollout"])
-    assert res["rollout"]["same_tokens"] is True
+    assert res["rollout"]["same_tokens"] is True and res["rollout"]["compiled_same_tokens"] is True
+    assert res["rollout"]["compile_s"] > 0 and res["rollout"]["decode_step_kernel_s"] > 0
     for lmbda in ("step_l1", "step_l0"):
         assert set(res[lmbda]) == {"rollout", "teacher", "student", "optimizer", "step"}
         assert all(set(part) == {"s", "gflop", "mfu"} and part["s"] > 0 for part in res[lmbda].values())
@@ -130,6 +131,22 @@ def test_bench_runs_and_prints_json():
     assert set(res["kernel_floor_l1"]) == {"rollout", "teacher", "student", "step"}
     for part, fl in res["kernel_floor_l1"].items():  # the kernels alone cannot take longer than the part
         assert 0 < fl["s"] and fl["kernels"] > 0 and (part == "step" or fl["s"] < 1.5 * res["step_l1"][part]["s"])
+
+
+def test_bench_on_checkpoints_runs_and_prints_json(tmp_path):
+    """bench.py --teacher DIR --student DIR: rollout tok/s eager and compiled, the step's parts and MFU, and the
+    peak above start fused and unfused, at --new-tokens and twice as many."""
+    teacher, student = make_ckpt(tmp_path / "t", 0, 2), make_ckpt(tmp_path / "s", 1, 1)
+    r = subprocess.run([sys.executable, "bench.py", "--teacher", teacher, "--student", student, "--batch-size", "2",
+                        "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--matmul-size", "64", "--compile"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for N in (3, 6):
+        m = res[f"new_tokens_{N}"]
+        assert set(m["rollout_tok_s"]) == {"eager", "compiled"} and min(m["rollout_tok_s"].values()) > 0
+        assert set(m["parts_s"]) == {"rollout", "teacher", "student", "optimizer"} and 0 < m["step_mfu"] < 1
+        assert m["compile_s"] > 0 and m["peak_above_mb_unfused"] >= 0
 
 
 def test_bench_samples_per_prompt_shares_prefills():
