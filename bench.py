@@ -45,7 +45,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -203,8 +203,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (meant for CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="also time the rollout with the compiled decode step "
-                   "(train.py --compile), side by side with eager; the first call's compile is reported")
+    p.add_argument("--compile", action="store_true", help="time the rollout with the compiled decode step too, "
+                   "side by side with eager (the first call's compile reported), and the distill step with "
+                   "train.py --compile")
     p.add_argument("--teacher", help="a checkpoint directory (e.g. hf/smollm2-135m-instruct): benchmark real shapes "
                    "(bench_checkpoints) instead of the reference workload")
     p.add_argument("--student", help="with --teacher: the student's checkpoint directory")
@@ -327,7 +328,8 @@ def bench_checkpoints(args, load):
     for N in (args.new_tokens, 2 * args.new_tokens):
         targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B),
                                   "--samples-per-prompt", str(S), "--max-new-tokens", str(N), "--lr", "1e-6",
-                                  "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull])
+                                  "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull] +
+                                 ["--compile"] * args.compile)
         run = train.Run(targs, None, None, False, None, 0, 1, device, 0, -1, autocast=bf16,
                         t_head=head_weight(teacher, torch.bfloat16 if bf16 else None))
         rows = [train.Row(p, None, True, None) for p in prompts]
@@ -482,7 +484,7 @@ def main(argv=None):
     #       own train_step, on the models unsharded in a process group of one
     targs = train.parse_args(["--stage", "distill", "--loss", args.loss, "--beta", str(args.beta), "--batch-size",
                               str(B), "--max-new-tokens", str(N), "--lr", "1e-4", "--warmup", "0",
-                              "--seed", str(args.seed), "--out", os.devnull])
+                              "--seed", str(args.seed), "--out", os.devnull] + ["--compile"] * args.compile)
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
@@ -490,10 +492,10 @@ def main(argv=None):
     rows = {1: [train.Row(p, None, True, None) for p in prompts], 0: [train.Row(p, c, False, None)
                                                                      for p, c in zip(prompts, given)]}
 
-    def run_for(share):
-        fmt = CharFormat(tok)
-        return train.Run(targs, fmt, fmt, False, None, 0, 1, device, pad, no_eos, autocast=bf16, share_prompts=share,
-                         t_head=head_weight(teacher, torch.bfloat16 if bf16 else None))
+    fmt, t_head = CharFormat(tok), head_weight(teacher, torch.bfloat16 if bf16 else None)
+    runs = {share: train.Run(targs, fmt, fmt, False, None, 0, 1, device, pad, no_eos, autocast=bf16,
+                             share_prompts=share, t_head=t_head) for share in (True, False)}  # --compile: one replica each
+    run_for = runs.__getitem__
 
     def distill_step(lmbda, share=True):
         """One train_step; its parts' seconds, and the step's (the whole call, its metrics included)."""
@@ -505,8 +507,8 @@ def main(argv=None):
 
     def step_parts(lmbda, share=True):
         """Each part of a lambda step as a function that runs it again on one step's tensors (for kernel_floor),
-        built from the same functions train_step calls."""
-        run = run_for(share)
+        built from the same functions train_step calls. Eager: the kernel recorder sees no compiled code."""
+        run = replace(run_for(share), args=argparse.Namespace(**vars(targs) | {"compile": False}))
         batch, _ = train.make_batch(0, rows[lmbda], student, teacher, run)
         n_tok = batch.mask.sum().item()
         t_h, _ = train.teacher_scores(teacher, batch, rows[lmbda], 0, run)
