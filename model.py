@@ -112,30 +112,33 @@ class StaticKVCache:
     float sums. One token per forward."""
 
     def __init__(self, shape, max_len, dtype, device):
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor per layer: a write into a view of one big tensor would make the compiled step copy
+        # all of it back every step; a write into a whole tensor stays in place
+        self.k = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(shape[0])]
+        self.v = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(shape[0])]
         self.valid = torch.zeros(shape[1], max_len, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.max_len = max_len
-        for t in (self.k, self.v, self.valid, self.slot):  # torch.compile: the storage never moves
+        for t in (*self.k, *self.v, self.valid, self.slot):  # torch.compile: the storage never moves
             torch._dynamo.mark_static_address(t)
 
     def load(self, cache):
-        self.k.copy_(cache.k)
-        self.v.copy_(cache.v)
+        for layer in range(len(self.k)):
+            self.k[layer].copy_(cache.k[layer])
+            self.v[layer].copy_(cache.v[layer])
         self.valid.copy_(cache.valid)
         self.slot.fill_(cache.len)
         return self
 
     def update(self, layer, k, v):
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
+        self.k[layer][:, :, self.slot] = k
+        self.v[layer][:, :, self.slot] = v
         return self.k[layer], self.v[layer]
 
     def begin(self, T, valid, device):
         if T != 1:
             raise ValueError("a StaticKVCache takes one token per forward")
-        self.valid.index_copy_(1, self.slot, torch.ones_like(self.valid[:, :1]) if valid is None else valid)
+        self.valid[:, self.slot] = True if valid is None else valid
         return self.valid[:, None, None, :]
 
     def advance(self, T):

@@ -182,8 +182,9 @@ def test_static_cache_decodes_what_the_growing_cache_decodes():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         tok = a.argmax(-1, keepdim=True)
     assert int(static.slot) == cache.len and torch.equal(static.valid, cache.valid)
-    torch.testing.assert_close(static.k[:, :, :, :cache.len], cache.k[:, :, :, :cache.len], rtol=1e-5, atol=1e-6)
-    assert not static.k[:, :, :, cache.len:].any()  # the slots past the last written one stay empty
+    k = torch.stack(static.k)
+    torch.testing.assert_close(k[:, :, :, :cache.len], cache.k[:, :, :, :cache.len], rtol=1e-5, atol=1e-6)
+    assert not k[:, :, :, cache.len:].any()  # the slots past the last written one stay empty
 
 
 @torch.no_grad()
