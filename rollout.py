@@ -29,6 +29,7 @@ class Batch:
     prompt_len: int
     logprobs: torch.Tensor
     on_policy: torch.Tensor
+    kept: torch.Tensor = None  # speculative KD rollouts: the student's proposals the teacher kept [B, P+N]
 
     @property
     def pos(self):
@@ -43,8 +44,12 @@ class Batch:
 
     def completion_logprobs(self):
         """The sampling-time logprobs of each row's completion tokens, as lists (aligned with completions)."""
+        return self.completion_values(self.logprobs)
+
+    def completion_values(self, t):
+        """t [B, P+N] at each row's completion tokens, as lists (aligned with completions)."""
         out = []
-        for row, m in zip(self.logprobs[:, self.prompt_len:].tolist(), self.mask[:, self.prompt_len:].tolist()):
+        for row, m in zip(t[:, self.prompt_len:].tolist(), self.mask[:, self.prompt_len:].tolist()):
             out.append([x for x, keep in zip(row, m) if keep])
         return out
 
@@ -60,26 +65,31 @@ def left_pad(seqs, pad_id, device=None):
     return ids.to(device), valid.to(device)
 
 
-def pack(prompts, completions, pad_id, device=None, logprobs=None, on_policy=None):
+def pack(prompts, completions, pad_id, device=None, logprobs=None, on_policy=None, kept=None):
     """Prompts (id lists, left-padded) + completions (id lists up to and including EOS, right-padded).
 
     logprobs: per row, the sampling-time logprobs of its completion tokens (a list of floats), or None for
-    a given row; on_policy: per row, whether the student sampled it (default: no row)."""
+    a given row; on_policy: per row, whether the student sampled it (default: no row); kept: per row, which
+    of its completion tokens were kept student proposals (speculative KD), or None."""
     ids, pvalid = left_pad(prompts, pad_id)
     B, N = len(prompts), max(len(c) for c in completions)
     comp = torch.full((B, N), pad_id, dtype=torch.long)
     cmask = torch.zeros(B, N, dtype=torch.bool)
     lps = torch.zeros(B, ids.size(1) + N)
+    kmask = torch.zeros(B, ids.size(1) + N, dtype=torch.bool)
+    P = ids.size(1)
     for i, c in enumerate(completions):
         comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         cmask[i, :len(c)] = True
         if logprobs is not None and logprobs[i] is not None:
-            lps[i, ids.size(1):ids.size(1) + len(c)] = torch.tensor(logprobs[i])
-    P = ids.size(1)
+            lps[i, P:P + len(c)] = torch.tensor(logprobs[i])
+        if kept is not None and kept[i] is not None:
+            kmask[i, P:P + len(c)] = torch.tensor(kept[i], dtype=torch.bool)
     flags = torch.tensor([False] * B if on_policy is None else list(on_policy), dtype=torch.bool)
     return Batch(tokens=torch.cat([ids, comp], 1).to(device), valid=torch.cat([pvalid, cmask], 1).to(device),
                  mask=torch.cat([torch.zeros_like(pvalid), cmask], 1).to(device), prompt_len=P,
-                 logprobs=lps.to(device), on_policy=flags.to(device))
+                 logprobs=lps.to(device), on_policy=flags.to(device),
+                 kept=kmask.to(device) if kept is not None else None)
 
 
 def sample_token(logits, temperature, top_k=None, generator=None, noise=None):
@@ -118,18 +128,39 @@ def compiled_decode_step(device_type):
     return _compiled[device_type]
 
 
-def static_cache(cache):
-    """A prefilled KVCache copied into the StaticKVCache kept for its shape (allocated once, reused by every
-    later rollout of that shape: the addresses CUDA graphs replay on)."""
-    key = (tuple(cache.k.shape), cache.k.dtype, cache.k.device)
+def static_cache(model, cache):
+    """A prefilled KVCache copied into the StaticKVCache kept for this model and shape (allocated once, reused
+    by every later rollout of that shape: the addresses CUDA graphs replay on)."""
+    key = (id(model), tuple(cache.k.shape), cache.k.dtype, cache.k.device)
     if key not in _static_caches:
         _static_caches[key] = StaticKVCache(cache.k.shape, cache.max_len, cache.k.dtype, cache.k.device)
     return _static_caches[key].load(cache)
 
 
+def start_decoding(model, ids, pos, valid, cache_len, groups, compile):
+    """Prefill the prompts: (the last column's logits [B, V], a function (tok, pos, live) -> the next
+    logits that appends one token per row to the model's cache)."""
+    logits, cache = prefill(model, ids, pos, valid, cache_len, groups)
+    step = decode_step
+    if compile:
+        cache, step = static_cache(model, cache), compiled_decode_step(ids.device.type)
+    return logits, lambda tok, p, live: step(model, tok, p, live, cache)
+
+
+def speculative_choice(proposal, t_logits, top_k, temperature, noise):
+    """Speculative KD (Xu et al. 2024): keep the student's proposal where it is among the teacher's top_k
+    tokens (ties at the k-th logit count as inside), else take a token drawn from the teacher's top_k at
+    the same temperature. top_k = vocabulary keeps every proposal (plain on-policy sampling); top_k = 1
+    takes the teacher's greedy token at every position. Returns (tokens [B], kept [B])."""
+    kth = torch.topk(t_logits, top_k, dim=-1).values[:, -1:]
+    kept = (t_logits.gather(-1, proposal[:, None]) >= kth).squeeze(-1)
+    return torch.where(kept, proposal, sample_token(t_logits, temperature, top_k, noise=noise)), kept
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None,
-             generator=None, rows=None, n_rows=None, share_prompts=True, compile=False, cache_len=None):
+             generator=None, rows=None, n_rows=None, share_prompts=True, compile=False, cache_len=None,
+             teacher=None, skd_top_k=None, teacher_generator=None):
     """Sample completions for left-padded prompts with a preallocated KV cache.
 
     rows / n_rows: these B prompts are rows `rows` (a LongTensor [B]) of a global batch of n_rows
@@ -147,6 +178,11 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
     compile: decode with compiled_decode_step over a StaticKVCache of cache_len slots (default P +
     max_new_tokens; give the longest prompt + max_new_tokens, so batches of shorter prompts reuse the
     compiled step). The same tokens as the eager step, given the same noise, up to float rounding.
+    teacher, skd_top_k, teacher_generator: speculative KD. The teacher (same tokenizer) decodes beside the
+    model with its own cache; at each position the model's sample is a proposal that the teacher keeps or
+    replaces (speculative_choice), drawing its replacements' noise from teacher_generator (so that keeping
+    every proposal samples exactly what plain decoding samples), and both models continue from the chosen
+    token. Batch.kept marks the kept proposals.
     Returns a Batch whose logprobs are log-softmax of the model's (untempered) logits at the sampled tokens."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -154,10 +190,12 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
     groups = distinct_rows(prompt_ids, prompt_valid) if share_prompts else None
     if cache_len is not None and cache_len < P + max_new_tokens:
         raise ValueError(f"cache_len {cache_len} < prompt {P} + max_new_tokens {max_new_tokens}")
-    logits, cache = prefill(model, prompt_ids, pos, prompt_valid, cache_len or P + max_new_tokens, groups)
-    step = decode_step
-    if compile:
-        cache, step = static_cache(cache), compiled_decode_step(device.type)
+    logits, step = start_decoding(model, prompt_ids, pos, prompt_valid, cache_len or P + max_new_tokens, groups,
+                                  compile)
+    if teacher is not None:
+        t_logits, t_step = start_decoding(teacher, prompt_ids, pos, prompt_valid, cache_len or P + max_new_tokens,
+                                          groups, compile)
+        kept = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     next_pos = pos[:, -1] + 1  # the last prompt column is real in every row (left padding)
     toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
@@ -177,6 +215,13 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
             noise = torch.rand(n_rows, V, generator=generator, device=device)
             noise = noise if rows is None else noise[rows]
         tok = sample_token(logits, temperature, top_k, noise=noise)
+        if teacher is not None:
+            t_noise = None
+            if temperature > 0:
+                t_noise = torch.rand(n_rows, V, generator=teacher_generator, device=device)
+                t_noise = t_noise if rows is None else t_noise[rows]
+            tok, kept[:, t] = speculative_choice(tok, t_logits, skd_top_k, temperature, t_noise)
+            kept[:, t] &= running
         tok = torch.where(running, tok, pad_id)
         lp = F.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
         toks[:, t], lps[:, t], live[:, t] = tok, torch.where(running, lp, 0.0), running
@@ -190,9 +235,13 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
         elif not bool(running.any()):
             break
         if t + 1 < max_new_tokens:
-            logits = step(model, tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1], cache)
+            logits = step(tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1])
+            if teacher is not None:
+                t_logits = t_step(tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1])
     toks, lps, live = toks[:, :n], lps[:, :n], live[:, :n]
+    zeros = torch.zeros_like(prompt_valid)
     return Batch(tokens=torch.cat([prompt_ids, toks], 1), valid=torch.cat([prompt_valid, live], 1),
-                 mask=torch.cat([torch.zeros_like(prompt_valid), live], 1), prompt_len=P,
+                 mask=torch.cat([zeros, live], 1), prompt_len=P,
                  logprobs=torch.cat([torch.zeros(B, P, device=device), lps], 1),
-                 on_policy=torch.ones(B, dtype=torch.bool, device=device))
+                 on_policy=torch.ones(B, dtype=torch.bool, device=device),
+                 kept=torch.cat([zeros, kept[:, :n]], 1) if teacher is not None else None)

@@ -101,6 +101,11 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
                    "chat model's <answer> needs more: 64-256")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
+    p.add_argument("--rollout", default="student", choices=["student", "skd"], help="on-policy rows: the student "
+                   "samples (student), or speculative KD: the teacher keeps each student token that is in its "
+                   "top --skd-top-k and replaces the others by its own (skd)")
+    p.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
+                   "plain on-policy sampling, 1 = the teacher's greedy tokens)")
     p.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
                    "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
     # RL, and distillation plus reward
@@ -178,6 +183,11 @@ def check_args(p, args):
     if (rl or args.reward_weight) and args.adv_norm != "none" and args.samples_per_prompt < 2:
         p.error(f"--adv-norm {args.adv_norm} compares a prompt's samples: it needs --samples-per-prompt >= 2 "
                 "(or --adv-norm none)")
+    if args.rollout == "skd" and (args.stage != "distill" or args.loss == "sampled"):
+        p.error("--rollout skd needs --stage distill and a full-vocabulary loss (fkl, rkl, jsd): the sampled "
+                "estimator's p_old is the student's distribution, and a teacher-corrected token was not drawn from it")
+    if args.rollout == "skd" and args.skd_top_k < 1:
+        p.error(f"--skd-top-k must be >= 1, got {args.skd_top_k}")
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
@@ -245,23 +255,34 @@ def rollout_seed(seed, step, stream):
     return (seed * 1_000_003 + step) * 2 + stream
 
 
-def sample(model, prompts, run, step, stream):
-    """(completions, their logprobs, the FLOPs it took) as lists, sampled from `model` for this rank's share
-    of the step's rows of a stream (0: the student's on-policy rows, 1: the teacher's seq-KD rows). Seeded by
-    (seed, step, stream) on every rank and drawn per global row, so N processes sample what one does."""
+def sample(model, prompts, run, step, stream, teacher=None):
+    """(completions, their logprobs, the FLOPs it took, which tokens were kept proposals or None) as lists,
+    sampled from `model` for this rank's share of the step's rows of a stream (0: the student's on-policy
+    rows, 1: the teacher's seq-KD rows). Seeded by (seed, step, stream) on every rank and drawn per global
+    row, so N processes sample what one does. teacher: speculative KD (--rollout skd), the teacher keeping
+    or replacing each of the model's proposals (rollout.speculative_choice), its noise from its own seed."""
     args = run.args
     g = torch.Generator(run.device).manual_seed(rollout_seed(args.seed, step, stream))
     ids, valid = left_pad(prompts, run.pad, run.device)
     n_rows = len(prompts) * run.world  # every rank holds the same number of this stream's rows
     decoder = decode_replica(model, run) if args.compile else model
-    with decoding(decoder), torch.autocast(run.device.type, torch.bfloat16, enabled=run.autocast):
+    skd = {}
+    if teacher is not None:
+        skd = dict(teacher=decode_replica(teacher, run) if args.compile else teacher, skd_top_k=args.skd_top_k,
+                   teacher_generator=torch.Generator(run.device).manual_seed(
+                       rollout_seed(args.seed, step, stream) + (1 << 48)))  # no step's stream seed
+    with decoding(decoder), decoding(skd.get("teacher")), \
+            torch.autocast(run.device.type, torch.bfloat16, enabled=run.autocast):
         batch = generate(decoder, ids, valid, args.max_new_tokens, run.eos, run.pad, temperature=args.temperature,
                          top_k=args.top_k or None, generator=g, rows=range(run.rank, n_rows, run.world),
                          n_rows=n_rows, share_prompts=run.share_prompts, compile=args.compile,
-                         cache_len=run.cache_len)
-    P = ids.size(1)
-    flops = flops_generate(model.cfg, len(ids), P, batch.tokens.size(1) - P, prefill_rows(ids, valid, run.share_prompts))
-    return batch.completions(), batch.completion_logprobs(), flops
+                         cache_len=run.cache_len, **skd)
+    P, K = ids.size(1), prefill_rows(ids, valid, run.share_prompts)
+    flops = flops_generate(model.cfg, len(ids), P, batch.tokens.size(1) - P, K)
+    if teacher is not None:
+        flops += flops_generate(teacher.cfg, len(ids), P, batch.tokens.size(1) - P, K)
+    kept = batch.completion_values(batch.kept) if teacher is not None else None
+    return batch.completions(), batch.completion_logprobs(), flops, kept
 
 
 def decode_replica(model, run):
@@ -282,18 +303,23 @@ def prefill_rows(ids, valid, share):
     return len(distinct_rows(ids, valid)[0]) if share else len(ids)
 
 
-def make_batch(step, rows, model, teacher, run):
+def make_batch(step, rows, model, teacher, run, skd=False):
     """(the step's batch, the FLOPs its sampling took): the student's rollouts of the on-policy rows (which
-    come first), then the off-policy rows' completions: ground truth, or the teacher's samples with --seq-kd."""
+    come first; skd: speculative KD rollouts, the teacher correcting them), then the off-policy rows'
+    completions: ground truth, or the teacher's samples with --seq-kd."""
     on, off = [r for r in rows if r.on_policy], [r for r in rows if not r.on_policy]
-    completions, logprobs, flops = sample(model, [r.prompt for r in on], run, step, 0) if on else ([], [], 0)
+    completions, logprobs, flops, kept = [], [], 0, None
+    if on:
+        completions, logprobs, flops, kept = sample(model, [r.prompt for r in on], run, step, 0,
+                                                    teacher if skd else None)
     if off and run.args.seq_kd:
-        t_completions, _, t_flops = sample(teacher, [r.prompt for r in off], run, step, 1)
+        t_completions, _, t_flops, _ = sample(teacher, [r.prompt for r in off], run, step, 1)
         completions, flops = completions + t_completions, flops + t_flops
     else:
         completions += [r.answer for r in off]
     batch = pack([r.prompt for r in on + off], completions, run.pad, run.device,
-                 logprobs=logprobs + [None] * len(off), on_policy=[True] * len(on) + [False] * len(off))
+                 logprobs=logprobs + [None] * len(off), on_policy=[True] * len(on) + [False] * len(off),
+                 kept=kept + [None] * len(off) if kept is not None else None)
     return batch, flops
 
 
@@ -418,7 +444,7 @@ def train_step(step, rows, model, teacher, optimizer, run):
         run.sync()
         times[part], t = time.perf_counter() - t, time.perf_counter()
 
-    batch, flops = make_batch(step, rows, model, teacher, run)
+    batch, flops = make_batch(step, rows, model, teacher, run, skd=args.rollout == "skd")
     n_tok = all_sum(batch.mask.sum().item(), run.device)  # completion tokens of the whole step, all ranks
     # the verifier on the student's samples (bench.py's synthetic rows have no problem to verify)
     reward = rewards(batch, rows, run) if batch.on_policy.any() and rows[0].problem else None
@@ -458,6 +484,8 @@ def train_step(step, rows, model, teacher, optimizer, run):
         out |= dict(on_policy_frac=n_on / args.batch_size,
                     student_rkl=all_sum(rkl.item(), run.device) / n_on_tok if n_on_tok else None,
                     completion_len=n_tok / args.batch_size)
+        if batch.kept is not None:  # speculative KD: the share of the student's proposals the teacher kept
+            out["skd_accept"] = all_sum(batch.kept.sum().item(), run.device) / n_on_tok if n_on_tok else None
         if cb is not None:  # share of completion tokens in spans of one token on each side
             out["one_to_one_frac"] = all_sum(cb.one_to_one.sum().item(), run.device) / n_tok
     return out
@@ -632,6 +660,11 @@ def load_models(args):
     if cross and args.seq_kd:
         raise ValueError("--seq-kd with a cross-tokenizer teacher is not supported (its samples are in the "
                          "teacher's tokens)")
+    if cross and args.rollout == "skd":
+        raise ValueError("--rollout skd needs the teacher's tokenizer: across tokenizers a student token is not "
+                         "one of the teacher's, so 'in the teacher's top k' is not defined")
+    if args.rollout == "skd" and args.skd_top_k > teacher.cfg.vocab_size:
+        raise ValueError(f"--skd-top-k {args.skd_top_k} is above the vocabulary ({teacher.cfg.vocab_size})")
     check_context(fmt, t_fmt if cross else fmt, student.cfg, teacher.cfg, args.max_new_tokens)
     return student, fmt, teacher, t_fmt, cross, resume_state, text_files(init_path, args.tokenizer)
 
@@ -785,6 +818,8 @@ def main(argv=None):
                          completion_len=round(m["completion_len"], 3), rollout_s=round(m["times"]["rollout"], 3))
             if cross:
                 last["one_to_one_frac"] = round(m["one_to_one_frac"], 4)
+            if m.get("skd_accept") is not None:
+                last["skd_accept"] = round(m["skd_accept"], 4)
         log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}")

@@ -209,3 +209,60 @@ def test_compiled_decode_samples_what_eager_decode_samples():
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
+def sharp(model):
+    for p in model.parameters():  # nearly uniform fresh models would let the noise alone decide
+        p.mul_(4.0)
+    model.head.weight[EOS] += 0.3 * model.head.weight.std() * torch.randn_like(model.head.weight[EOS]).sign()
+    return model
+
+
+@torch.no_grad()
+def test_speculative_rollout_equals_full_recompute():
+    """Speculative KD, top 5 of 23: every row recomputed from scratch by both models, the student proposing
+    from the generator's noise and the teacher replacing proposals outside its top 5 with a draw from its
+    top 5 (its own noise), gives the cached rollout's tokens, kept flags and student logprobs."""
+    student, teacher = sharp(tiny_model(5).eval()), sharp(tiny_model(8, n_layer=3).eval())
+    ps = [p for p in random_prompts(5, lengths=(2, 6, 4)) for _ in range(2)] + random_prompts(6, lengths=(7,))
+    ids, valid = left_pad(ps, PAD)
+    B, N, V, K = len(ps), 10, 23, 5
+    b = generate(student, ids, valid, N, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(3),
+                 teacher=teacher, skd_top_k=K, teacher_generator=torch.Generator().manual_seed(4))
+    g, tg = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    seqs, kept, lps, done = [list(p) for p in ps], [[] for _ in ps], [[] for _ in ps], [False] * B
+    for _ in range(N):
+        noise, t_noise = torch.rand(B, V, generator=g), torch.rand(B, V, generator=tg)
+        for i in range(B):
+            if done[i]:
+                continue
+            s_logits, t_logits = student(torch.tensor([seqs[i]]))[0, -1], teacher(torch.tensor([seqs[i]]))[0, -1]
+            proposal = int((s_logits - torch.log(-torch.log(noise[i]))).argmax())
+            top = set(torch.topk(t_logits, K).indices.tolist())
+            masked = t_logits.masked_fill(t_logits < torch.topk(t_logits, K).values[-1], float("-inf"))
+            tok = proposal if proposal in top else int((masked - torch.log(-torch.log(t_noise[i]))).argmax())
+            seqs[i].append(tok)
+            kept[i].append(proposal in top)
+            lps[i].append(float(F.log_softmax(s_logits, -1)[tok]))
+            done[i] = tok == EOS
+    assert b.completions() == [s[len(p):] for s, p in zip(seqs, ps)]
+    assert b.completion_values(b.kept) == kept and 0 < sum(map(sum, kept)) < sum(map(len, kept))
+    for got, want in zip(b.completion_logprobs(), lps):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_speculative_rollout_ends():
+    """Top k = the vocabulary keeps every proposal: plain sampling, token for token. Top 1 takes the teacher's
+    greedy token everywhere, whatever the student proposes."""
+    student, teacher = sharp(tiny_model(5).eval()), sharp(tiny_model(8, n_layer=3).eval())
+    ids, valid = left_pad(random_prompts(5, lengths=(2, 6, 4, 3)), PAD)
+    run = lambda **kw: generate(student, ids, valid, 10, EOS, PAD, temperature=1.0,  # noqa: E731
+                                generator=torch.Generator().manual_seed(3), **kw)
+    skd = lambda k: run(teacher=teacher, skd_top_k=k, teacher_generator=torch.Generator().manual_seed(4))  # noqa: E731
+    plain, every = run(), skd(23)
+    assert torch.equal(plain.tokens, every.tokens) and torch.equal(every.kept, every.mask)
+    greedy = generate(teacher, ids, valid, 10, EOS, PAD, temperature=0.0)
+    one = skd(1)
+    assert torch.equal(one.tokens, greedy.tokens) and not torch.equal(one.tokens, plain.tokens)
+    assert 0 < one.kept.sum() < one.mask.sum()  # some proposals were the teacher's greedy token

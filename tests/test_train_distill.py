@@ -138,7 +138,11 @@ def test_bad_input_fails_before_training(ckpts, tmp_path):
                        (["--loss", "kl"], "invalid choice"), (["--teacher", str(tmp_path / "nope")], "does not exist"),
                        (["--teacher", str(other), "--cross-tokenizer", "off"], "tokenizers differ"),
                        (["--teacher", str(other), "--seq-kd"], "--seq-kd with a cross-tokenizer teacher"),
-                       (["--max-new-tokens", "60"], "over the student's context")):
+                       (["--max-new-tokens", "60"], "over the student's context"),
+                       (["--rollout", "skd", "--skd-top-k", "0"], "--skd-top-k must be >= 1"),
+                       (["--rollout", "skd", "--skd-top-k", "24"], "above the vocabulary (23)"),
+                       (["--rollout", "skd", "--teacher", str(other)], "--rollout skd needs the teacher's tokenizer"),
+                       (["--rollout", "skd", "--loss", "sampled", "--lmbda", "1"], "a full-vocabulary loss")):
         r = run("train.py", *base, *args, check=False)
         assert r.returncode != 0 and want in r.stderr.strip().splitlines()[-1], (args, r.stderr[-500:])
         assert not os.path.exists(os.path.join(tmp_path, "run", "latest"))
@@ -289,3 +293,28 @@ def test_sft_seq_kd_trains_on_teacher_samples(ckpts, tmp_path, monkeypatch):
     ce = ce.item() / batch.mask.sum().item()  # the unfused cross-entropy
     logged = [r for r in rows(out) if "loss" in r]
     assert logged[0]["loss"] == pytest.approx(ce, rel=1e-5) and logged[0]["samples"] == 0
+
+
+def test_speculative_kd_rows_are_the_teacher_corrected_rollouts(ckpts, tmp_path, monkeypatch):
+    """--rollout skd: the on-policy rows are rollout.generate's speculative rollouts with the step's seeds, the
+    off-policy rows stay ground truth, and the logged acceptance is the share of kept proposals."""
+    teacher, student = ckpts
+    packed = []
+    real_make_batch = train.make_batch
+    monkeypatch.setattr(train, "make_batch", lambda step, rows, *a, **kw: (
+        lambda b: step == 0 and packed.append(([r.prompt for r in rows], b[0])) or b)(
+        real_make_batch(step, rows, *a, **kw)))
+    out = str(tmp_path / "run")
+    run_main(["--teacher", teacher, "--student", student, "--out", out, "--lmbda", "0.5", "--rollout", "skd",
+              "--skd-top-k", "10", "--steps", "1", *FAST])
+    prompts, batch = packed[0]
+    ids, valid = left_pad(prompts[:4], 0)
+    ref = generate(load_pretrained(student), ids, valid, 6, 2, 0, temperature=1.0, teacher=load_pretrained(teacher),
+                   skd_top_k=10, generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 0)),
+                   teacher_generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 0) + (1 << 48)))
+    assert batch.completions()[:4] == ref.completions()
+    assert batch.completion_values(batch.kept)[:4] == ref.completion_values(ref.kept)
+    assert not batch.kept[4:].any() and batch.on_policy.tolist() == [True] * 4 + [False] * 4
+    m = [r for r in rows(out) if "loss" in r][0]
+    assert m["skd_accept"] == pytest.approx(ref.kept.sum().item() / ref.mask.sum().item(), abs=1e-4)
+    assert 0 < m["skd_accept"] < 1

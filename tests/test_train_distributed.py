@@ -26,7 +26,8 @@ def final_weights(out, step):
 
 
 @pytest.mark.parametrize("loss,extra", [("jsd", []), ("sampled", ["--lmbda", "1"]),
-                                        ("jsd", ["--samples-per-prompt", "2"])])
+                                        ("jsd", ["--samples-per-prompt", "2"]),
+                                        ("rkl", ["--rollout", "skd", "--skd-top-k", "3"])])
 def test_two_processes_compute_what_one_does(sharp_ckpts, tmp_path, loss, extra):
     """With 2 samples per prompt, one process prefills each prompt once for its two rows (rollout and
     teacher); each of 2 processes holds one row of every prompt (rows r::2) and shares nothing."""
