@@ -141,10 +141,12 @@ def start_decoding(model, ids, pos, valid, cache_len, groups, compile):
     """Prefill the prompts: (the last column's logits [B, V], a function (tok, pos, live) -> the next
     logits that appends one token per row to the model's cache)."""
     logits, cache = prefill(model, ids, pos, valid, cache_len, groups)
-    step = decode_step
-    if compile:
-        cache, step = static_cache(model, cache), compiled_decode_step(ids.device.type)
-    return logits, lambda tok, p, live: step(model, tok, p, live, cache)
+    if not compile:
+        return logits, lambda tok, p, live: decode_step(model, tok, p, live, cache)
+    cache, step = static_cache(model, cache), compiled_decode_step(ids.device.type)
+    # a CUDA graph's output is overwritten by the next replay of any graph of the pool (the teacher's step,
+    # with speculative KD): copy it out
+    return logits, lambda tok, p, live: step(model, tok, p, live, cache).clone()
 
 
 def speculative_choice(proposal, t_logits, top_k, temperature, noise):
