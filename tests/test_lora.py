@@ -135,13 +135,24 @@ def ckpt(out, step):
 RANK = 4
 
 
+def train_main(argv):
+    """train.main in this process on one thread: the ops are tiny, and a second thread only adds overhead
+    (10x on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lora_run(sharp_ckpts, tmp_path_factory):
     teacher, student = sharp_ckpts
     out = str(tmp_path_factory.mktemp("lora") / "run")
     args = ["--teacher", teacher, "--student", student, "--steps", "4", "--save-every", "2", *DISTILL_ARGS,
             "--lora-rank", str(RANK), "--lora-alpha", "6"]
-    train.main(["--out", out, *args])
+    train_main(["--out", out, *args])
     return out, args
 
 
@@ -181,7 +192,7 @@ def test_a_lora_run_resumes_bit_exactly(lora_run, tmp_path):
     shutil.rmtree(ckpt(half, 4))
     with open(os.path.join(half, "latest"), "w") as f:
         f.write("step_000002")
-    train.main(["--out", half, "--resume", *args])
+    train_main(["--out", half, "--resume", *args])
     wa, wb = load_file(os.path.join(ckpt(out, 4), "model.safetensors")), load_file(os.path.join(ckpt(half, 4), "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     sa = torch.load(os.path.join(ckpt(out, 4), "train_state.pt"), weights_only=False)["lora"]
