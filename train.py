@@ -19,7 +19,8 @@ main() sets up and then loops over train_step, which reads like the method:
 SFT is the same step with cross-entropy on ground-truth answers (it trains the teacher and the student
 warm start). RL is the same step with every row on-policy, no teacher, and the policy gradient of the
 sampled estimator with the verifier's reward advantage in place of the teacher's log-ratio (losses.py);
---reward-weight adds that advantage to --loss sampled's: distillation plus reward. Every step logs its
+--reward-weight adds that advantage to --loss sampled's: distillation plus reward. --lora-rank trains low-rank
+adapters on the student's linears (lora.py) instead of all its weights; its checkpoints are saved merged. Every step logs its
 FLOPs (flops.py, from the shapes it ran), so that all of them can be drawn on one compute axis. Each model's Countdown format comes with its checkpoint (chat.py, data/countdown.py): this
 codebase's char models read "3 7 13>88:" and answer a step list; a chat model reads its chat template and
 answers <answer>expression</answer> + its end-of-turn token (give it --max-new-tokens 64-256).
