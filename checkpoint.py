@@ -21,6 +21,7 @@ from dataclasses import asdict, fields
 import torch
 import torch.distributed as dist
 
+from lora import merge, scale_of
 from model import GPT, GPTConfig
 
 
@@ -301,13 +302,17 @@ def save_checkpoint(run_dir, model, optimizer, step, tokenizer_path, train_state
     """Checkpoint step `step` of a (sharded) run and point `latest` at it; keep the newest `keep`.
 
     Collective: every rank calls it; rank 0 writes. train_state (a dict) goes into train_state.pt beside the
-    optimizer state and the step; `side` files (side_files) are copied beside the weights."""
+    optimizer state and the step; `side` files (side_files) are copied beside the weights. A model with LoRA
+    adapters (lora.py) is saved merged, as plain weights; the unmerged base and the adapters go into the
+    training state (key "lora"), so a resume continues from exactly what was trained."""
     msd, osd = full_state(model, optimizer)
     if dist.get_rank() == 0:
         name = f"step_{step:06d}"
         ckdir = os.path.join(run_dir, "ckpt")
+        msd, unmerged = merge(msd, scale_of(model))
+        state = dict(optimizer=osd, step=step, **train_state) | ({"lora": unmerged} if unmerged else {})
         save_pretrained(msd, model.cfg, os.path.join(ckdir, name), tokenizer_path,
-                        extra={"train_state.pt": dict(optimizer=osd, step=step, **train_state)}, side_files=side)
+                        extra={"train_state.pt": state}, side_files=side)
         tmp = os.path.join(run_dir, "latest.tmp")
         with open(tmp, "w") as f:
             f.write(name)
@@ -319,12 +324,14 @@ def save_checkpoint(run_dir, model, optimizer, step, tokenizer_path, train_state
 
 
 def load_train_state(path):
-    """(model state dict, train_state.pt's dict) of a checkpoint to resume from; CheckpointError if unreadable."""
+    """(model state dict, train_state.pt's dict) of a checkpoint to resume from; CheckpointError if unreadable.
+    With LoRA the state dict is the unmerged one the run trained: its base weights and adapters."""
     msd = load_weights(path, load_config(path))
     try:
         state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{path}/train_state.pt: cannot resume from it ({str(e).splitlines()[0][:200]})")
+    msd.update(state.pop("lora", {}))
     return msd, state
 
 

@@ -362,8 +362,8 @@ def positions_from_valid(valid):
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
+def num_params(model, trainable=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def keep_layers(model, layers):

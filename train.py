@@ -19,7 +19,8 @@ main() sets up and then loops over train_step, which reads like the method:
 SFT is the same step with cross-entropy on ground-truth answers (it trains the teacher and the student
 warm start). RL is the same step with every row on-policy, no teacher, and the policy gradient of the
 sampled estimator with the verifier's reward advantage in place of the teacher's log-ratio (losses.py);
---reward-weight adds that advantage to --loss sampled's: distillation plus reward. Every step logs its
+--reward-weight adds that advantage to --loss sampled's: distillation plus reward. --lora-rank trains low-rank
+adapters on the student's linears (lora.py) instead of all its weights; its checkpoints are saved merged. Every step logs its
 FLOPs (flops.py, from the shapes it ran), so that all of them can be drawn on one compute axis. Each model's Countdown format comes with its checkpoint (chat.py, data/countdown.py): this
 codebase's char models read "3 7 13>88:" and answer a step list; a chat model reads its chat template and
 answers <answer>expression</answer> + its end-of-turn token (give it --max-new-tokens 64-256).
@@ -55,6 +56,7 @@ from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
 from distributed import all_sum, compute_dtype, copy_full_weights, decoding, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
 from flops import flops_fused_loss, flops_generate, flops_score, flops_train
+from lora import add_lora, trainable_params
 from losses import (LOSSES, distill_advantage, head_divergence_loss, head_divergence_sum, head_token_logprobs,
                     policy_gradient_loss, reward_advantage)
 from model import GPT, GPTConfig, GradKV, distinct_rows, keep_layers, num_params, prefill
@@ -82,6 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-mlp", type=int, default=0, help="0 = 4 * d-model")
+    p.add_argument("--lora-rank", type=int, default=None, help="train rank-r adapters on the student's attention "
+                   "and MLP linears, everything else frozen (lora.py; default: full fine-tuning); checkpoints are "
+                   "saved merged, as plain weights")
+    p.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is scaled by alpha / rank "
+                   "(default 2 * rank: a scale of 2 at every rank)")
     # distillation
     p.add_argument("--lmbda", type=float, default=1.0, help="fraction of each batch's rows sampled by the student")
     p.add_argument("--loss", default="rkl", choices=LOSSES)
@@ -191,6 +198,16 @@ def check_args(p, args):
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
+    if args.lora_rank is not None and args.lora_rank < 1:
+        p.error(f"--lora-rank must be >= 1, got {args.lora_rank} (leave it out for full fine-tuning)")
+    if args.lora_alpha is not None and args.lora_rank is None:
+        p.error("--lora-alpha needs --lora-rank (without adapters it would do nothing)")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        p.error(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
+    if args.lora_rank and args.student is None:
+        p.error("--lora-rank needs a --student to adapt (a fresh model has no base worth freezing)")
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
 
 
 
@@ -560,6 +577,12 @@ def evaluate_rkl(model, teacher, problems, run):
     return all_sum(total, run.device) / max(1.0, all_sum(count, run.device))
 
 
+def optimizer_state_bytes(optimizer):
+    """Bytes of this rank's optimizer state (AdamW: two moments per trainable number, and a step count)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  an FSDP2 shard
+    return sum(local(t).nbytes for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+
+
 def peak_mem_mb(device):
     """CUDA: the most memory allocated; CPU: the process's peak resident set (only grows)."""
     if device.type == "cuda":
@@ -642,6 +665,7 @@ def load_models(args):
             args.tokenizer = os.path.join(init_path, "tokenizer.json")
         if args.resume:
             student, resume_state = GPT(cfg), load_train_state(init_path)
+            check_same_lora(resume_state[1].get("args", {}), args, init_path)
         else:
             student = load_pretrained(init_path).train()
             if args.keep_layers:
@@ -650,6 +674,8 @@ def load_models(args):
         fmt = countdown_format(load_chat(None, args.tokenizer))
         student = GPT(GPTConfig(vocab_size=fmt.tok.get_vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
                                 d_model=args.d_model, d_mlp=args.d_mlp))
+    if args.lora_rank:  # before sharding, so FSDP shards the adapters with their blocks
+        add_lora(student, args.lora_rank, args.lora_alpha, args.seed)
     if args.stage == "rl" or (args.stage == "sft" and not args.seq_kd):  # no teacher
         return student, fmt, None, None, False, resume_state, text_files(init_path, args.tokenizer)
     teacher, t_fmt = load_teacher(args.teacher, args.tokenizer)
@@ -667,6 +693,14 @@ def load_models(args):
         raise ValueError(f"--skd-top-k {args.skd_top_k} is above the vocabulary ({teacher.cfg.vocab_size})")
     check_context(fmt, t_fmt if cross else fmt, student.cfg, teacher.cfg, args.max_new_tokens)
     return student, fmt, teacher, t_fmt, cross, resume_state, text_files(init_path, args.tokenizer)
+
+
+def check_same_lora(saved, args, path):
+    """Resume with the adapters the checkpoint was trained with (its training state holds them unmerged)."""
+    have, want = (saved.get("lora_rank"), saved.get("lora_alpha")), (args.lora_rank, args.lora_alpha)
+    if have != want:
+        show = lambda r, a: f"--lora-rank {r} --lora-alpha {a:g}" if r else "no --lora-rank"  # noqa: E731
+        raise CheckpointError(f"--resume: {path} was trained with {show(*have)}, not {show(*want)}")
 
 
 def layer_slice(spec, n_layer):
@@ -727,7 +761,8 @@ def setup(args):
               "collapsed a number-level student under a char-level teacher on Countdown (docs/cross_tokenizer.md);"
               " --loss sampled is the per-span policy gradient", file=sys.stderr)
     if rank == 0:
-        print(f"student: {num_params(model) / 1e6:.3f}M params {model.cfg}" +
+        print(f"student: {num_params(model) / 1e6:.3f}M params, {num_params(model, trainable=True) / 1e6:.3f}M "
+              f"trainable, {model.cfg}" +
               (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if teacher is not None else ""))
     return run, model, teacher, resume_state, files
 
@@ -740,7 +775,7 @@ def on_policy_rows(args):
 def start_of_run(model, teacher, run, val, test, eval_tokens, log, examples):
     """Where the student starts and where the teacher is: test accuracies, the student's held-out reverse KL
     (distill) and its val accuracy (the curves' origin), logged at step 0; their summary dict."""
-    summary = {}
+    summary = {"trainable_params": num_params(model, trainable=True)}
     if teacher is not None:
         summary["teacher_test_accuracy"] = evaluate(teacher, run.t_fmt, test, run.rank, run.world, run.device,
                                                     eval_tokens)["accuracy"]
@@ -766,7 +801,7 @@ def main(argv=None):
     run, model, teacher, resume_state, files = setup(args)
     rank, world, device, fmt, cross = run.rank, run.world, run.device, run.fmt, run.cross
     n_on = on_policy_rows(args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     start, t_train, flops, samples = 0, 0.0, 0.0, 0  # the compute axis: training time, FLOPs, student samples
     if resume_state is not None:
@@ -845,6 +880,7 @@ def main(argv=None):
         if done:
             break
     bar.close()
+    summary["optimizer_state_bytes"] = round(all_sum(optimizer_state_bytes(optimizer), device))
     summary["student_test_accuracy_after"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
                                                       after)["accuracy"]
     log(dict(step=last.get("step", start), **summary))

@@ -220,10 +220,13 @@ def test_cross_tokenizer_distill_lowers_sequence_reverse_kl(ckpts, tmp_path, los
     assert after < 0.97 * before, (before, after)
 
 
-def test_a_hf_student_made_and_saved_by_train_loads_in_transformers(chat_tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]])
+def test_a_hf_student_made_and_saved_by_train_loads_in_transformers(chat_tokenizer_dir, tmp_path, lora):
     """A tiny Llama with a chat template as teacher; the student starts from every other of its layers
     (--keep-layers ::2). Two steps later the saved student is a Hugging Face checkpoint: transformers loads it
-    with our logits, its chat files came along, and its weights moved away from the teacher's."""
+    with our logits, its chat files came along, and its weights moved away from the teacher's. With LoRA
+    (adapters on the SwiGLU and grouped-query linears) the checkpoint is the merged one and the tied
+    embedding did not move."""
     import shutil
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from chat import load_chat
@@ -236,7 +239,7 @@ def test_a_hf_student_made_and_saved_by_train_loads_in_transformers(chat_tokeniz
         shutil.copyfile(os.path.join(chat_tokenizer_dir, f), teacher / f)
     out = str(tmp_path / "run")
     run_main(["--teacher", str(teacher), "--student", str(teacher), "--keep-layers", "::2", "--out", out,
-              "--steps", "2", "--lr", "1e-3", "--max-new-tokens", "8", *FAST[:2], *FAST[4:]])
+              "--steps", "2", "--lr", "1e-3", "--max-new-tokens", "8", *FAST[:2], *FAST[4:], *lora])
     saved = os.path.join(out, "ckpt", "step_000002")
     ours, ref = load_pretrained(saved), AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
     assert ours.cfg.n_layer == ref.config.num_hidden_layers == 2 and ours.cfg.arch == "llama"
@@ -246,6 +249,7 @@ def test_a_hf_student_made_and_saved_by_train_loads_in_transformers(chat_tokeniz
     assert diff < 1e-5
     start = keep_layers(load_pretrained(str(teacher)), [0, 2])
     assert not torch.equal(start.blocks[1].fc.weight, ours.blocks[1].fc.weight)
+    assert torch.equal(start.embed.weight, ours.embed.weight) == bool(lora)
     assert AutoTokenizer.from_pretrained(saved).apply_chat_template([{"role": "user", "content": "hi"}],
                                                                     add_generation_prompt=True, tokenize=False)
 

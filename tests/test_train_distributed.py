@@ -26,11 +26,13 @@ def final_weights(out, step):
 
 
 @pytest.mark.parametrize("loss,extra", [("jsd", []), ("sampled", ["--lmbda", "1"]),
-                                        ("jsd", ["--samples-per-prompt", "2"]),
+                                        ("jsd", ["--samples-per-prompt", "2"]), ("jsd", ["--lora-rank", "4"]),
                                         ("rkl", ["--rollout", "skd", "--skd-top-k", "3"])])
 def test_two_processes_compute_what_one_does(sharp_ckpts, tmp_path, loss, extra):
     """With 2 samples per prompt, one process prefills each prompt once for its two rows (rollout and
-    teacher); each of 2 processes holds one row of every prompt (rows r::2) and shares nothing."""
+    teacher); each of 2 processes holds one row of every prompt (rows r::2) and shares nothing. With LoRA
+    each process holds half of every adapter and of the frozen base (FSDP2 shards a block's frozen and
+    trainable parameters together); the saved weights are merged."""
     teacher, student = sharp_ckpts
     outs = {}
     for n in (1, 2):
@@ -47,8 +49,11 @@ def test_two_processes_compute_what_one_does(sharp_ckpts, tmp_path, loss, extra)
         assert a[4] == pytest.approx(b[4], rel=1e-4)
     # the same update: the weights moved by the same amount to within 1% of the largest move
     w0, wa, wb = load_file(os.path.join(student, "model.safetensors")), final_weights(outs[1], 4), final_weights(outs[2], 4)
-    assert wa.keys() == wb.keys()
+    assert wa.keys() == wb.keys() == w0.keys()
     for k in wa:
+        if "--lora-rank" in extra and k.split(".")[-2] not in ("qkv", "proj", "fc", "fc_out"):  # frozen
+            assert torch.equal(wa[k], w0[k]) and torch.equal(wb[k], w0[k]), k
+            continue
         move = (wa[k] - w0[k]).abs().max().item()
         assert move > 0 and (wa[k] - wb[k]).abs().max().item() <= 0.01 * move, k
     with open(os.path.join(outs[2], "args.json")) as f:
