@@ -63,13 +63,10 @@ def decoding(model):
 
 
 @torch.no_grad()
-def copy_full_weights(src, dst):
-    """dst's parameters := src's whole weights, gathered from FSDP's shards (an all-gather each), cast to
-    dst's dtype in place: dst's tensors keep their addresses."""
+def full_parameters(model):
+    """{name: the whole parameter}, gathered from FSDP's shards (an all-gather each) on every rank."""
     from torch.distributed.tensor import DTensor
-    params = dict(dst.named_parameters())
-    for name, p in src.named_parameters():
-        params[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+    return {name: p.full_tensor() if isinstance(p, DTensor) else p for name, p in model.named_parameters()}
 
 
 def all_sum(x, device):

@@ -53,10 +53,10 @@ from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pr
                         resolve_checkpoint, restore, save_checkpoint, side_files)
 from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
 from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
-from distributed import all_sum, compute_dtype, copy_full_weights, decoding, setup_dist, shard
+from distributed import all_sum, compute_dtype, decoding, full_parameters, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
 from flops import flops_fused_loss, flops_generate, flops_score, flops_train
-from lora import add_lora, trainable_params
+from lora import add_lora, merge, scale_of, trainable_params
 from losses import (LOSSES, distill_advantage, head_divergence_loss, head_divergence_sum, head_token_logprobs,
                     policy_gradient_loss, reward_advantage)
 from model import GPT, GPTConfig, GradKV, distinct_rows, keep_layers, num_params, prefill
@@ -305,13 +305,18 @@ def sample(model, prompts, run, step, stream, teacher=None):
 def decode_replica(model, run):
     """--compile: a plain, unsharded GPT holding model's current weights in the compute dtype, for the compiled
     decode step (FSDP's hooks do not compile). One per model, kept across steps and refreshed in place, so
-    its weights stay at the addresses CUDA graphs replay on. Costs a whole copy of the model per rank; FSDP
-    holds every block whole while decoding anyway (decoding)."""
+    its weights stay at the addresses CUDA graphs replay on. Costs a whole copy of the model per rank (and,
+    while refreshing, its fp32 weights gathered whole); FSDP holds every block whole while decoding anyway."""
     replica = run.replicas.get(id(model))
     if replica is None:
         replica = GPT(model.cfg).to(run.device, compute_dtype(run.device)).requires_grad_(False)
         run.replicas[id(model)] = replica
-    copy_full_weights(model, replica)
+    weights = full_parameters(model)
+    if scale_of(model):  # LoRA: the replica decodes with the merged weights, W + (alpha / r) B A
+        weights, _ = merge(weights, scale_of(model))
+    with torch.no_grad():
+        for name, p in replica.named_parameters():
+            p.copy_(weights[name])
     return replica
 
 

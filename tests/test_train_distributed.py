@@ -64,10 +64,11 @@ def test_compiled_rollouts_train_what_eager_ones_do(sharp_ckpts, tmp_path):
     """--compile: the rollouts decode on a plain replica of the sharded student, refreshed every step, with
     the compiled step over a static cache (the student's rows, and the teacher's seq-KD rows on its own
     replica). 1 and 2 processes train what the eager rollout trains: the same samples, hence the same
-    losses and gradient norms, up to float rounding."""
+    losses and gradient norms, up to float rounding; with LoRA adapters too (merged into the replica)."""
     teacher, student = sharp_ckpts
     out = {}
-    for name, n, flags in (("eager", 1, []), ("compiled", 1, ["--compile"]), ("compiled2", 2, ["--compile"])):
+    for name, n, flags in (("eager", 1, []), ("compiled", 1, ["--compile"]), ("compiled2", 2, ["--compile"]),
+                           ("lora", 1, ["--lora-rank", "4"]), ("lora-compiled", 2, ["--lora-rank", "4", "--compile"])):
         run("train.py", "--teacher", teacher, "--student", student, "--out", str(tmp_path / name), "--steps", "3",
             *DISTILL_ARGS, *flags, nproc=n)
         out[name] = losses(str(tmp_path / name))
@@ -76,6 +77,10 @@ def test_compiled_rollouts_train_what_eager_ones_do(sharp_ckpts, tmp_path):
         for i in (1, 3, 4):
             assert a[i] == pytest.approx(b[i], rel=1e-4, abs=1e-6) and a[i] == pytest.approx(c[i], rel=1e-4, abs=1e-6)
     assert len(out["eager"]) == 3
+    for a, b in zip(out["lora"], out["lora-compiled"]):  # the replica decodes with the merged adapters
+        for i in (1, 3, 4):
+            assert a[i] == pytest.approx(b[i], rel=1e-4, abs=1e-6)
+    assert out["lora"][-1][1] != out["eager"][-1][1]
 
 
 def test_sigkill_then_resume_is_bit_identical(sharp_ckpts, tmp_path):
