@@ -52,7 +52,8 @@ from chat import load_chat
 from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pretrained, load_train_state,
                         resolve_checkpoint, restore, save_checkpoint, side_files)
 from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
-from data.countdown import TOKENIZER_PATH, augment, countdown_format, load_split
+from data import arith
+from data.countdown import TOKENIZER_PATH, CharFormat, augment, countdown_format, load_split
 from distributed import all_sum, compute_dtype, decoding, full_parameters, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
 from flops import flops_fused_loss, flops_generate, flops_score, flops_train
@@ -96,6 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
     p.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
     p.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
+    p.add_argument("--task", default="countdown", choices=["countdown", "arith"], help="the rows' task (arith: "
+                   "data/arith.py, the continual-learning recipe's new task; SFT only)")
+    p.add_argument("--sft-mix", default=None, choices=["arith"], help="distill: the off-policy rows are this task's "
+                   "ground truth, learnt by cross-entropy, while the on-policy rows are distilled (docs/continual.md)")
     p.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
                    "valid solution (fights memorising the small problem universe)")
     p.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth "
@@ -195,6 +200,12 @@ def check_args(p, args):
                 "estimator's p_old is the student's distribution, and a teacher-corrected token was not drawn from it")
     if args.rollout == "skd" and args.skd_top_k < 1:
         p.error(f"--skd-top-k must be >= 1, got {args.skd_top_k}")
+    if args.task != "countdown" and (args.stage != "sft" or args.seq_kd or args.augment):
+        p.error(f"--task {args.task} trains by SFT on its ground truth: it needs --stage sft, without --seq-kd "
+                "and --augment")
+    if args.sft_mix and (args.stage != "distill" or args.lmbda == 1 or args.loss == "sampled" or args.seq_kd):
+        p.error("--sft-mix needs --stage distill, --lmbda < 1 (its rows are the off-policy ones), no --seq-kd "
+                "and a full-vocabulary loss")
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
@@ -235,6 +246,7 @@ class Run:
     share_prompts: bool = True  # one prefill per distinct prompt (rollout and teacher); False to measure it
     t_head: torch.Tensor = None  # the teacher's output head, whole on every rank (teacher.head_weight)
     cache_len: int = None       # --compile: the rollouts' KV cache slots, fixed (the longest prompt + budget)
+    mix_fmt: object = None      # --sft-mix: the mixed-in task's format (data.arith.ArithFormat)
     replicas: dict = field(default_factory=dict)  # --compile: id(model) -> its plain copy (decode_replica)
 
     def sync(self):  # part timings mean something on CUDA only after the queued kernels ran
@@ -250,10 +262,11 @@ class Row:
     problem: tuple        # (numbers, target, solution): a cross-tokenizer teacher builds its own prompt
 
 
-def step_rows(problems, step, args, n_on, fmt, rank, world):
+def step_rows(problems, step, args, n_on, fmt, rank, world, mix=None):
     """This rank's rows of step `step`: the global batch is drawn by a generator seeded with (seed, step), its
     first n_on rows on-policy (n_on / spp problems, each spp times in a row), the rest off-policy; rank r
-    takes rows r::world (n_on is a multiple of world, so every rank gets the same share of each kind)."""
+    takes rows r::world (n_on is a multiple of world, so every rank gets the same share of each kind).
+    mix: (problems, format) of --sft-mix's task, which the off-policy rows then come from."""
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     idx = torch.randint(len(problems), (args.batch_size,), generator=g).tolist()
     probs = [problems[i] for i in idx]
@@ -262,9 +275,11 @@ def step_rows(problems, step, args, n_on, fmt, rank, world):
         probs = [augment(p, rng) for p in probs]
     n_prompts = n_on // args.samples_per_prompt
     on = [p for p in probs[:n_prompts] for _ in range(args.samples_per_prompt)]
-    off = probs[n_prompts:n_prompts + args.batch_size - n_on]
+    off, off_fmt = probs[n_prompts:n_prompts + args.batch_size - n_on], fmt
+    if mix is not None:
+        off, off_fmt = [mix[0][i] for i in torch.randint(len(mix[0]), (len(off),), generator=g).tolist()], mix[1]
     rows = ([Row(fmt.prompt_ids(n, t), None, True, (n, t, a)) for n, t, a in on] +
-            [Row(fmt.prompt_ids(n, t), fmt.answer_ids(a), False, (n, t, a)) for n, t, a in off])
+            [Row(off_fmt.prompt_ids(n, t), off_fmt.answer_ids(a), False, (n, t, a)) for n, t, a in off])
     return rows[rank::world]
 
 
@@ -346,10 +361,13 @@ def make_batch(step, rows, model, teacher, run, skd=False):
 
 
 def rewards(batch, rows, run):
-    """The Countdown verifier's reward per row [B]: 1 for a completion that ended (an eos id) and reaches
-    the target with every number once, else 0 (data/countdown.py; never eval)."""
+    """The Countdown verifier's reward per row [B]: 1 for an on-policy completion that ended (an eos id) and
+    reaches the target with every number once, else 0 (data/countdown.py; never eval)."""
     out = []
     for r, comp in zip(rows, batch.completions()):
+        if not r.on_policy:  # a given row's answer is no sample of the student's
+            out.append(0.0)
+            continue
         ended = len(comp) > 0 and comp[-1] in run.fmt.eos_ids
         numbers, target, _ = r.problem
         out.append(float(ended and run.fmt.verify(numbers, target, run.fmt.decode(comp[:-1] if ended else comp))))
@@ -417,6 +435,10 @@ def distill_loss(h, w, t_h, batch, n_tok, run, reward_adv=None):
     KL is its one-sample estimate)."""
     args, c = run.args, batch.prompt_len
     tgt, m, on = batch.tokens[:, c:], batch.mask[:, c:], batch.on_policy[:, None]
+    ce = 0.0
+    if args.sft_mix:  # the mixed-in task's rows learn their ground truth; only the on-policy rows distill
+        ce = -head_token_logprobs(h, w, tgt, m & ~on, args.chunk_size).sum() / n_tok
+        m = m & on
     if args.loss == "sampled":
         s_lp, old_lp = head_token_logprobs(h, w, tgt, m, args.chunk_size), batch.logprobs[:, c:]
         with torch.no_grad():
@@ -425,8 +447,9 @@ def distill_loss(h, w, t_h, batch, n_tok, run, reward_adv=None):
         if reward_adv is not None:
             adv = adv + args.reward_weight * reward_adv[:, None]
         return policy_gradient_loss(s_lp, old_lp, adv, m, n_tok), ((old_lp - t_lp) * (m & on)).sum()
-    return head_divergence_loss(h, w, t_h, run.t_head, m, args.loss, n_tok, args.beta, args.loss_temperature,
-                                args.chunk_size, metric=on.expand_as(m))
+    loss, rkl = head_divergence_loss(h, w, t_h, run.t_head, m, args.loss, n_tok, args.beta, args.loss_temperature,
+                                     args.chunk_size, metric=on.expand_as(m))
+    return loss + ce, rkl
 
 
 def cross_distill_loss(s_logits, t_logits, batch, cb, n_tok, run):
@@ -619,18 +642,31 @@ def open_metrics(path, start):
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def longest_prompt(fmt):
-    """The most tokens any Countdown prompt takes in this format."""
-    return max(len(p) for split in ("train", "val", "test") for p in fmt.prompts(load_split(split)))
+TASK_SPLITS = {"countdown": load_split, "arith": arith.load_split}  # task -> split name -> problems
 
 
-def check_context(fmt, t_fmt, cfg, t_cfg, max_new_tokens):
+def task_format(task, fmt):
+    """The format of a task in a model's text interface, given its Countdown format."""
+    if task == "countdown":
+        return fmt
+    if not isinstance(fmt, CharFormat):
+        raise ValueError(f"--task/--sft-mix {task} needs a char-tokenizer model (the Countdown char format), not a "
+                         "chat model")
+    return arith.ArithFormat(fmt.tok)
+
+
+def longest_prompt(fmt, task="countdown"):
+    """The most tokens any prompt of the task takes in this format."""
+    return max(len(p) for split in ("train", "val", "test") for p in fmt.prompts(TASK_SPLITS[task](split)))
+
+
+def check_context(fmt, t_fmt, cfg, t_cfg, max_new_tokens, task="countdown"):
     """Refuse (ValueError) a --max-new-tokens whose longest rollout would not fit the student's or the
     teacher's context (max_seq_len: a Hugging Face model's max_position_embeddings). Across tokenizers the
     teacher needs at most one token per character of the completion (+ EOS), and a student token is at most
     `chars` characters."""
     tok = fmt.tok
-    n = longest_prompt(fmt) + max_new_tokens
+    n = longest_prompt(fmt, task) + max_new_tokens
     # with one tokenizer the teacher scores the student's sequences as they are
     contexts = {"student": cfg.max_seq_len} | ({"teacher": t_cfg.max_seq_len} if t_fmt is fmt else {})
     for who, context in contexts.items():
@@ -679,6 +715,9 @@ def load_models(args):
         fmt = countdown_format(load_chat(None, args.tokenizer))
         student = GPT(GPTConfig(vocab_size=fmt.tok.get_vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
                                 d_model=args.d_model, d_mlp=args.d_mlp))
+    fmt = task_format(args.task, fmt)
+    if args.sft_mix:
+        task_format(args.sft_mix, fmt)  # refuses a chat model here, before anything runs
     if args.lora_rank:  # before sharding, so FSDP shards the adapters with their blocks
         add_lora(student, args.lora_rank, args.lora_alpha, args.seed)
     if args.stage == "rl" or (args.stage == "sft" and not args.seq_kd):  # no teacher
@@ -760,7 +799,9 @@ def setup(args):
               device, fmt.pad_id, fmt.eos_ids, autocast=False,  # CUDA: bf16 through FSDP's policy (shard)
               t_head=head_weight(teacher, compute_dtype(device)) if args.stage == "distill" else None)
     if args.compile:
-        run.cache_len = max(longest_prompt(f) for f in (fmt, t_fmt) if f is not None) + args.max_new_tokens
+        run.cache_len = max(longest_prompt(fmt, args.task), longest_prompt(t_fmt) if t_fmt else 0) + args.max_new_tokens
+    if args.sft_mix:
+        run.mix_fmt = task_format(args.sft_mix, fmt)
     if rank == 0 and cross and args.loss != "sampled":
         print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "
               "collapsed a number-level student under a char-level teacher on Countdown (docs/cross_tokenizer.md);"
@@ -770,6 +811,11 @@ def setup(args):
               f"trainable, {model.cfg}" +
               (f"\nteacher: {num_params(teacher) / 1e6:.3f}M params {teacher.cfg}" if teacher is not None else ""))
     return run, model, teacher, resume_state, files
+
+
+def mix_test(args):
+    test = TASK_SPLITS[args.sft_mix]("test")
+    return test[:args.eval_n] if args.eval_n else test
 
 
 def on_policy_rows(args):
@@ -788,6 +834,9 @@ def start_of_run(model, teacher, run, val, test, eval_tokens, log, examples):
                                                        eval_tokens, examples)["accuracy"]
     if run.args.stage == "distill":
         summary["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
+    if run.args.sft_mix:
+        summary["mix_test_accuracy_before"] = evaluate(model, run.mix_fmt, mix_test(run.args), run.rank, run.world,
+                                                       run.device, eval_tokens)["accuracy"]
     val_before = evaluate(model, run.fmt, val, run.rank, run.world, run.device, eval_tokens)["accuracy"]
     log(dict(step=0, **summary, val_accuracy=val_before))
     if run.rank == 0:
@@ -824,7 +873,8 @@ def main(argv=None):
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
 
-    train, val, test = load_split("train"), load_split("val"), load_split("test")
+    train, val, test = (TASK_SPLITS[args.task](s) for s in ("train", "val", "test"))
+    mix = (TASK_SPLITS[args.sft_mix]("train"), run.mix_fmt) if args.sft_mix else None
     val, test = (val[:args.eval_n], test[:args.eval_n]) if args.eval_n else (val, test)
     # eval lets every model answer in at least 24 tokens (a step list takes up to 18) even when rollouts are
     # cut shorter, e.g. to fit a cross-tokenizer teacher's context; chat models get --max-new-tokens
@@ -841,7 +891,8 @@ def main(argv=None):
     last = {}
     for step in range(start, args.steps):
         t0 = time.time()
-        m = train_step(step, step_rows(train, step, args, n_on, fmt, rank, world), model, teacher, optimizer, run)
+        m = train_step(step, step_rows(train, step, args, n_on, fmt, rank, world, mix), model, teacher, optimizer,
+                       run)
         if not math.isfinite(m["loss"]):
             bar.close()
             fail(f"loss is {m['loss']} at step {step + 1}; stopping. The last good checkpoint is {args.out}/latest")
@@ -888,6 +939,9 @@ def main(argv=None):
     summary["optimizer_state_bytes"] = round(all_sum(optimizer_state_bytes(optimizer), device))
     summary["student_test_accuracy_after"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
                                                       after)["accuracy"]
+    if args.sft_mix:  # the mixed-in task kept? (its test split, as many problems as --eval-n)
+        summary["mix_test_accuracy_after"] = evaluate(model, run.mix_fmt, mix_test(args), rank, world, device,
+                                                      eval_tokens)["accuracy"]
     log(dict(step=last.get("step", start), **summary))
     if rank == 0:
         for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
