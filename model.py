@@ -8,7 +8,7 @@ Llama. checkpoint.py maps the Hugging Face tensor names and config keys onto the
 One `forward` serves training, teacher scoring and decoding. Positions are explicit, so left-padded
 batches work: a token's position is its index among the row's real tokens, the same whether the row is
 scored whole or decoded one token at a time. An optional preallocated KVCache makes decoding one token
-per step cost one token of compute.
+per step cost one token of compute; a StaticKVCache gives the decode step fixed shapes, so it compiles.
 
 Checkpoint directories (save, load, resume) live in checkpoint.py.
 """
@@ -148,8 +148,9 @@ class StaticKVCache:
 class GradKV(KVCache):
     """A KV cache for a forward with gradients: each layer's keys/values are the autograd graph's own tensors,
     extended by concatenation instead of written in place (the masks are KVCache's), so a loss on later
-    tokens sends its gradient back through the cached ones. With rows() a prompt shared by several rows runs once and its keys and
-    values are gathered into every row (train.py's student with --samples-per-prompt > 1)."""
+    tokens sends its gradient back through the cached ones. With rows() a prompt shared by several rows runs
+    once and its keys and values are gathered into every row (train.py's student with --samples-per-prompt
+    > 1)."""
 
     def __init__(self, cfg, batch_size, max_len, device=None):
         self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer

@@ -1,4 +1,6 @@
-"""KV-cached batched sampling, and the one batch layout every stage shares.
+"""KV-cached batched sampling, and the one batch layout every stage shares. The one-token decode step runs
+eager or compiled over a static cache (--compile), and a teacher can correct the samples as they are drawn
+(speculative KD, --rollout skd).
 
 A batch is a left-padded block of prompts followed by a completion region:
 
@@ -8,6 +10,8 @@ A batch is a left-padded block of prompts followed by a completion region:
     logprobs  [B, P+N]   log p_student(token) at sampling time on the mask of on-policy rows, 0 elsewhere
     on_policy [B]        True for rows the student sampled, False for given ones (ground truth, teacher
                          samples): metrics and the sampled estimator select rows by it, never by position
+    kept      [B, P+N]   speculative KD only: the completion tokens that are the student's own, kept by the
+                         teacher (None otherwise)
 
 Positions come from `valid` (model.positions_from_valid), so a row scores the same at any padding.
 Rollouts and given completions are packed together into one batch by `pack`.
