@@ -19,9 +19,15 @@ main() sets up and then loops over train_step, which reads like the method:
 SFT is the same step with cross-entropy on ground-truth answers (it trains the teacher and the student
 warm start). RL is the same step with every row on-policy, no teacher, and the policy gradient of the
 sampled estimator with the verifier's reward advantage in place of the teacher's log-ratio (losses.py);
---reward-weight adds that advantage to --loss sampled's: distillation plus reward. --lora-rank trains low-rank
-adapters on the student's linears (lora.py) instead of all its weights; its checkpoints are saved merged. Every step logs its
-FLOPs (flops.py, from the shapes it ran), so that all of them can be drawn on one compute axis. Each model's Countdown format comes with its checkpoint (chat.py, data/countdown.py): this
+--reward-weight adds that advantage to --loss sampled's: distillation plus reward.
+
+Variations on the rows and the student: --rollout skd lets the teacher correct the student's samples as
+they are drawn (speculative KD); --sft-mix mixes another task's ground truth into a distillation run (the
+continual-learning recipe, with --task for SFT on that task); --lora-rank trains low-rank adapters
+(lora.py) instead of all the student's weights, saved merged; --compile decodes with a compiled step.
+
+Every step logs its FLOPs (flops.py, from the shapes it ran), so that all of them can be drawn on one
+compute axis. Each model's Countdown format comes with its checkpoint (chat.py, data/countdown.py): this
 codebase's char models read "3 7 13>88:" and answer a step list; a chat model reads its chat template and
 answers <answer>expression</answer> + its end-of-turn token (give it --max-new-tokens 64-256).
 
