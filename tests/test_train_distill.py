@@ -46,8 +46,8 @@ def test_on_policy_fraction_is_exact_and_lambda_zero_never_samples(ckpts, tmp_pa
     sampled = []
     real_sample = train.sample
     # training steps only: the held-out reverse-KL eval samples too, at steps -1, -2, ...
-    monkeypatch.setattr(train, "sample", lambda model, prompts, run, step, stream: (
-        step >= 0 and sampled.append((model, len(prompts)))) or real_sample(model, prompts, run, step, stream))
+    monkeypatch.setattr(train, "sample", lambda model, prompts, run, step, stream, *skd: (
+        step >= 0 and sampled.append((model, len(prompts)))) or real_sample(model, prompts, run, step, stream, *skd))
     out = str(tmp_path / "run")
     run_main(["--teacher", teacher, "--student", student, "--out", out, "--lmbda", str(lmbda), "--steps", "4", *FAST])
     steps = [r for r in rows(out) if "on_policy_frac" in r]
@@ -108,9 +108,9 @@ def test_seq_kd_rows_are_teacher_samples(ckpts, tmp_path, monkeypatch):
     teacher, student = ckpts
     packed = []
     real_make_batch = train.make_batch
-    monkeypatch.setattr(train, "make_batch", lambda step, rows, *a: (
+    monkeypatch.setattr(train, "make_batch", lambda step, rows, *a, **kw: (
         lambda b: step == 0 and packed.append(([r.prompt for r in rows], b[0].completions())) or b)(
-        real_make_batch(step, rows, *a)))
+        real_make_batch(step, rows, *a, **kw)))
     run_main(["--teacher", teacher, "--student", student, "--out", str(tmp_path / "run"), "--lmbda", "0.5",
               "--seq-kd", "--steps", "1", *FAST])
     prompts, comps = packed[0]
@@ -279,8 +279,9 @@ def test_sft_seq_kd_trains_on_teacher_samples(ckpts, tmp_path, monkeypatch):
     teacher, student = ckpts
     packed, scored = [], []
     real_make_batch = train.make_batch
-    monkeypatch.setattr(train, "make_batch", lambda step, rows, *a: (
-        lambda b: step == 0 and packed.append(([r.prompt for r in rows], b[0])) or b)(real_make_batch(step, rows, *a)))
+    monkeypatch.setattr(train, "make_batch", lambda step, rows, *a, **kw: (
+        lambda b: step == 0 and packed.append(([r.prompt for r in rows], b[0])) or b)(
+        real_make_batch(step, rows, *a, **kw)))
     monkeypatch.setattr(train, "teacher_scores", lambda *a: scored.append(1))
     out = str(tmp_path / "run")
     run_main(["--stage", "sft", "--seq-kd", "--teacher", teacher, "--student", student, "--out", out, "--steps", "1",
