@@ -21,18 +21,8 @@ arms() {  # name|flags, seed-major so that whole seeds finish first
   done
 }
 
-one() {
-  name=${1%%|*} flags=${1#*|} dir=$OUT/${1%%|*}
-  if grep -qs student_test_accuracy_after "$dir/metrics.jsonl"; then return; fi
-  resume=$([ -f "$dir/latest" ] && echo --resume || true)
-  OMP_NUM_THREADS=1 python train.py $flags --out "$dir" $resume > "$OUT/$name.log" 2>&1 \
-    && echo "done $name" || echo "FAILED $name (see $OUT/$name.log)"
-}
-export -f one
-
-start=$(date +%s)
-arms | xargs -P "$JOBS" -I{} bash -c 'one "{}"'
-echo "runs: $(( ($(date +%s) - start) / 60 )) min"
+source docs/arms.sh
+arms | run_arms
 dirs=$(ls -d "$OUT"/*-s[0-9]/)
 python eval_countdown.py --study $dirs --reach rkl-l0 0.3 rl
 main=$(ls -d "$OUT"/{sft,sft-teacher,rkl-l0,rkl-l0-seqkd,rkl-l1,rl,sampled,sampled+reward}-s[0-9]/)

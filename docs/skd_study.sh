@@ -21,17 +21,7 @@ arms() {
   done
 }
 
-one() {
-  name=${1%%|*} flags=${1#*|} dir=$OUT/${1%%|*}
-  if grep -qs student_test_accuracy_after "$dir/metrics.jsonl"; then return; fi
-  resume=$([ -f "$dir/latest" ] && echo --resume || true)
-  OMP_NUM_THREADS=1 python train.py $flags --out "$dir" $resume > "$OUT/$name.log" 2>&1 \
-    && echo "done $name" || echo "FAILED $name (see $OUT/$name.log)"
-}
-export -f one
-
-start=$(date +%s)
-arms | xargs -P "$JOBS" -I{} bash -c 'one "{}"'
-echo "runs: $(( ($(date +%s) - start) / 60 )) min"
+source docs/arms.sh
+arms | run_arms
 python eval_countdown.py --study $(ls -d "$OUT"/*-s[0-9]/) --reach rkl-l0 0.1
 python eval_countdown.py --plot $(ls -d "$OUT"/*-s[0-9]/) --out docs/skd_study.png
