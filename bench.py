@@ -8,6 +8,7 @@ run (ratios mean something on a noisy machine; absolute times only on a quiet on
     python bench.py --device cuda --batch-size 256 --student-width 512 --teacher-layers 16   # bigger
     python bench.py --repeats 1 --new-tokens 8        # a quick smoke run
     python bench.py --samples-per-prompt 4            # 8 prompts x 4 samples: shared prefills vs not, side by side
+    python bench.py --compile                         # + the compiled decode step (train.py --compile), side by side
 
 On the quiet 2-core CPU the default run takes about 30 s. Beside a 2-thread training job it took 2.3 min
 with 2 repeats (spinning OpenMP threads fighting the other job) and about 20 s with --threads 1 or
@@ -21,7 +22,8 @@ Reference workload (the defaults): student 4 layers, width 256, 4 heads, MLP 102
 What is measured, each the median of --repeats runs after one warm-up:
   rollout      tokens/s of the student's greedy decode with the KV cache (rollout.generate) and with full
                recompute (generate_no_cache below), whether both give the same tokens, the prefill time and
-               the time per one-token decode step next to its FLOP floor;
+               the time per one-token decode step next to its FLOP floor and to its matmul and attention
+               kernels alone; with --compile the same for the compiled step, and its compile time;
   distill step seconds per call of train.py's own train_step at lambda = 1 (the student samples at
                temperature 1) and at lambda = 0 (given completions: random ids), split into its parts: rollout
                (sampling + packing the batch), teacher scoring, student forward + loss + backward, and
