@@ -18,7 +18,7 @@ import random
 import re
 from functools import lru_cache
 
-from data.countdown import BOS, EOS, PAD
+from data.countdown import BOS, CharFormat
 
 NUM_LO, NUM_HI = 1, 20
 OPS = "+-*"
@@ -58,29 +58,20 @@ def load_split(split):
     return tuple(probs)
 
 
-class ArithFormat:
-    """[BOS] + "13*2-14=" -> "12" + [EOS], in a char tokenizer: the interface of data.countdown.CharFormat."""
+class ArithFormat(CharFormat):
+    """[BOS] + "13*2-14=" -> "12" + [EOS]: Countdown's char format with this task's prompts and check."""
 
     def __init__(self, tok):
-        missing = [c for c in "0123456789+-*=" if tok.token_to_id(c) is None]
-        if missing or tok.token_to_id(BOS) is None or tok.token_to_id(EOS) is None:
-            raise ValueError("the arithmetic task needs a char tokenizer with digits, + - * = and [BOS]/[EOS] "
-                             "(the Countdown char tokenizer)")
-        self.tok = tok
-        self.eos_ids = [tok.token_to_id(EOS)]
-        self.pad_id = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else self.eos_ids[0]
+        super().__init__(tok)
+        if any(tok.token_to_id(c) is None for c in "0123456789+-*="):
+            raise ValueError("the arithmetic task needs a char tokenizer with digits and + - * = (the Countdown "
+                             "char tokenizer)")
 
     def prompt_ids(self, expr, value):
         return [self.tok.token_to_id(BOS)] + self.tok.encode(expr + "=").ids
 
     def prompts(self, problems):
         return [self.prompt_ids(e, v) for e, v, _ in problems]
-
-    def answer_ids(self, answer):
-        return self.tok.encode(answer).ids + self.eos_ids
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
 
     def verify(self, expr, value, text):
         return text == str(value)
