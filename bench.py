@@ -310,7 +310,7 @@ def bench_checkpoints(args, load):
     if args.student_keep_layers:
         student = keep_layers(student, train.layer_slice(args.student_keep_layers, student.cfg.n_layer))
     teacher, student = teacher.to(device), student.to(device).train()
-    scfg, tcfg = student.cfg, teacher.cfg
+    scfg = student.cfg
     B, P, S = args.batch_size, args.prompt_len, args.samples_per_prompt
     V = scfg.vocab_size
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.1,

@@ -851,15 +851,54 @@ def start_of_run(model, teacher, run, val, test, eval_tokens, log, examples):
               + rkl_text(" (val per-token KL(student || teacher) {:.3f})", summary.get("student_val_rkl_before")))
     return summary
 
+def step_record(step, m, seconds, compute):
+    """The metrics.jsonl record of a step from train_step's metrics m; compute: the cumulative axes."""
+    rec = dict(step=step, loss=round(m["loss"], 5), lr=m["lr"], grad_norm=round(m["grad_norm"], 4),
+               tokens_per_s=round(m["tokens"] / seconds), **compute)
+    if "reward" in m:
+        rec["reward"] = round(m["reward"], 4)
+    if "on_policy_frac" in m:  # distillation
+        rec |= dict(on_policy_frac=m["on_policy_frac"],
+                    student_rkl=None if m["student_rkl"] is None else round(m["student_rkl"], 5),
+                    completion_len=round(m["completion_len"], 3), rollout_s=round(m["times"]["rollout"], 3))
+    for k in ("one_to_one_frac", "skd_accept"):  # across tokenizers; speculative KD
+        if m.get(k) is not None:
+            rec[k] = round(m[k], 4)
+    return rec
+
+
+def validate(model, teacher, val, eval_tokens, run):
+    """Val accuracy (and, distilling, the student's held-out reverse KL)."""
+    ev = evaluate(model, run.fmt, val, run.rank, run.world, run.device, eval_tokens)
+    if run.args.stage == "distill":
+        ev["rkl"] = evaluate_rkl(model, teacher, val, run)
+    return ev
+
+
+def end_of_run(model, optimizer, run, test, eval_tokens, before):
+    """Test accuracy after training (and the mixed-in task's), the optimizer's memory; prints the examples
+    of the start next to the same problems now."""
+    args, after = run.args, []
+    out = dict(optimizer_state_bytes=round(all_sum(optimizer_state_bytes(optimizer), run.device)),
+               student_test_accuracy_after=evaluate(model, run.fmt, test, run.rank, run.world, run.device,
+                                                    eval_tokens, after)["accuracy"])
+    if args.sft_mix:  # the mixed-in task kept? (its test split, as many problems as --eval-n)
+        out["mix_test_accuracy_after"] = evaluate(model, run.mix_fmt, mix_test(args), run.rank, run.world,
+                                                  run.device, eval_tokens)["accuracy"]
+    if run.rank == 0:
+        for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
+            print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
+        print(f"test accuracy: student after {out['student_test_accuracy_after']:.3f}")
+    return out
+
 # ------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
-    distill = args.stage == "distill"
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and latest_checkpoint(args.out) is not None:
         args.resume = True  # torchrun --max-restarts restarted this job: continue from the latest checkpoint
     run, model, teacher, resume_state, files = setup(args)
-    rank, world, device, fmt, cross = run.rank, run.world, run.device, run.fmt, run.cross
+    rank, world, device, fmt = run.rank, run.world, run.device, run.fmt
     n_on = on_policy_rows(args)
     optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
@@ -885,7 +924,7 @@ def main(argv=None):
     # eval lets every model answer in at least 24 tokens (a step list takes up to 18) even when rollouts are
     # cut shorter, e.g. to fit a cross-tokenizer teacher's context; chat models get --max-new-tokens
     eval_tokens = max(24, args.max_new_tokens)
-    summary, before, after = {}, [], []
+    summary, before = {}, []
     if start == 0:
         summary = start_of_run(model, teacher, run, val, test, eval_tokens, log, before)
     elif rank == 0:  # resumed: the start-of-run accuracies were logged at step 0
@@ -904,19 +943,7 @@ def main(argv=None):
             fail(f"loss is {m['loss']} at step {step + 1}; stopping. The last good checkpoint is {args.out}/latest")
         dt = time.time() - t0
         t_train, flops, samples = t_train + dt, flops + m["flops"], samples + m["samples"]
-        last = dict(step=step + 1, loss=round(m["loss"], 5), lr=m["lr"], grad_norm=round(m["grad_norm"], 4),
-                    tokens_per_s=round(m["tokens"] / dt), minutes=round(t_train / 60, 3), flops=flops,
-                    samples=samples)
-        if "reward" in m:
-            last["reward"] = round(m["reward"], 4)
-        if distill:
-            last |= dict(on_policy_frac=m["on_policy_frac"],
-                         student_rkl=None if m["student_rkl"] is None else round(m["student_rkl"], 5),
-                         completion_len=round(m["completion_len"], 3), rollout_s=round(m["times"]["rollout"], 3))
-            if cross:
-                last["one_to_one_frac"] = round(m["one_to_one_frac"], 4)
-            if m.get("skd_accept") is not None:
-                last["skd_accept"] = round(m["skd_accept"], 4)
+        last = step_record(step + 1, m, dt, dict(minutes=round(t_train / 60, 3), flops=flops, samples=samples))
         log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}")
@@ -924,9 +951,7 @@ def main(argv=None):
         out_of_time = args.max_minutes and all_sum(t_train, device) / world / 60 >= args.max_minutes
         done = step + 1 == args.steps or bool(out_of_time)
         if (args.eval_every and (step + 1) % args.eval_every == 0) or done:
-            ev = evaluate(model, fmt, val, rank, world, device, eval_tokens)
-            if distill:
-                ev["rkl"] = evaluate_rkl(model, teacher, val, run)
+            ev = validate(model, teacher, val, eval_tokens, run)
             last |= {f"val_{k}": None if v is None else round(v, 4) for k, v in ev.items()}
             log(dict(step=step + 1, **{f"val_{k}": v for k, v in ev.items()}))
             if rank == 0:
@@ -942,17 +967,8 @@ def main(argv=None):
         if done:
             break
     bar.close()
-    summary["optimizer_state_bytes"] = round(all_sum(optimizer_state_bytes(optimizer), device))
-    summary["student_test_accuracy_after"] = evaluate(model, fmt, test, rank, world, device, eval_tokens,
-                                                      after)["accuracy"]
-    if args.sft_mix:  # the mixed-in task kept? (its test split, as many problems as --eval-n)
-        summary["mix_test_accuracy_after"] = evaluate(model, run.mix_fmt, mix_test(args), rank, world, device,
-                                                      eval_tokens)["accuracy"]
+    summary |= end_of_run(model, optimizer, run, test, eval_tokens, before)
     log(dict(step=last.get("step", start), **summary))
-    if rank == 0:
-        for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
-            print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
-        print(f"test accuracy: student after {summary['student_test_accuracy_after']:.3f}")
     if rank == 0:
         print(json.dumps(dict(out=args.out, **last, **summary, peak_mem_mb=round(peak_mem_mb(device)))))
     dist.barrier()  # no rank tears the group down while another still talks to it

@@ -169,7 +169,7 @@ def test_shared_prompt_prefill_samples_what_every_row_prefilled_samples():
 def test_static_cache_decodes_what_the_growing_cache_decodes():
     """The StaticKVCache step (tensor slot, attention over every slot, the unfilled ones masked), eager: the
     same logits as the KVCache step, token after token, on left-padded prompts."""
-    from model import KVCache, StaticKVCache, positions_from_valid, prefill
+    from model import StaticKVCache, positions_from_valid, prefill
     model = tiny_model(3, n_layer=2).eval()
     ids, valid = left_pad(random_prompts(7, lengths=(2, 6, 4)), PAD)
     pos = positions_from_valid(valid)
