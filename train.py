@@ -76,80 +76,82 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -------------------------------------------------------------------------------------------- arguments
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SFT and on-policy distillation on Countdown")
-    p.add_argument("--stage", default="distill", choices=["sft", "distill", "rl"])
-    p.add_argument("--out", default=None, help="run directory (default runs/<stage>-<loss>-l<lmbda>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    # models
-    p.add_argument("--student", default=None, help="initial student checkpoint (distill and rl default: "
+    p = argparse.ArgumentParser(description="SFT, on-policy distillation and RL on Countdown")
+    g = p.add_argument_group("the run")
+    g.add_argument("--stage", default="distill", choices=["sft", "distill", "rl"])
+    g.add_argument("--out", default=None, help="run directory (default runs/<stage>-<loss>-l<lmbda>-s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--tokenizer", default=TOKENIZER_PATH)
+    g = p.add_argument_group("the models")
+    g.add_argument("--student", default=None, help="initial student checkpoint (distill and rl default: "
                    "checkpoints/student; sft default: a fresh model of the shape below)")
-    p.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill, "
+    g.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill, "
                    "and sft --seq-kd)")
-    p.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
+    g.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
                    "blocks of --student only (a Python slice, e.g. 0::3: every third layer of a teacher copy)")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--d-mlp", type=int, default=0, help="0 = 4 * d-model")
-    p.add_argument("--lora-rank", type=int, default=None, help="train rank-r adapters on the student's attention "
+    g.add_argument("--n-layer", type=int, default=4)
+    g.add_argument("--n-head", type=int, default=4)
+    g.add_argument("--d-model", type=int, default=128)
+    g.add_argument("--d-mlp", type=int, default=0, help="0 = 4 * d-model")
+    g.add_argument("--lora-rank", type=int, default=None, help="train rank-r adapters on the student's attention "
                    "and MLP linears, everything else frozen (lora.py; default: full fine-tuning); checkpoints are "
                    "saved merged, as plain weights")
-    p.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is scaled by alpha / rank "
+    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is scaled by alpha / rank "
                    "(default 2 * rank: a scale of 2 at every rank)")
-    # distillation
-    p.add_argument("--lmbda", type=float, default=1.0, help="fraction of each batch's rows sampled by the student")
-    p.add_argument("--loss", default="rkl", choices=LOSSES)
-    p.add_argument("--beta", type=float, default=0.5, help="jsd interpolation, in (0, 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
-    p.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
-    p.add_argument("--task", default="countdown", choices=["countdown", "arith"], help="the rows' task (arith: "
-                   "data/arith.py, the continual-learning recipe's new task; SFT only)")
-    p.add_argument("--sft-mix", default=None, choices=["arith"], help="distill: the off-policy rows are this task's "
-                   "ground truth, learnt by cross-entropy, while the on-policy rows are distilled (docs/continual.md)")
-    p.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
-                   "valid solution (fights memorising the small problem universe)")
-    p.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth "
+    g = p.add_argument_group("the rows of a batch")
+    g.add_argument("--lmbda", type=float, default=1.0, help="fraction of each batch's rows sampled by the student")
+    g.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
+    g.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth "
                    "(with --stage sft: SFT on teacher samples)")
-    p.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
-                   help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
-                   "differ; off: refuse such a teacher)")
-    p.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
-                   "term on the tokens the two vocabularies do not share")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
+    g.add_argument("--task", default="countdown", choices=["countdown", "arith"], help="the rows' task (arith: "
+                   "data/arith.py, the continual-learning recipe's new task; SFT only)")
+    g.add_argument("--sft-mix", default=None, choices=["arith"], help="distill: the off-policy rows are this task's "
+                   "ground truth, learnt by cross-entropy, while the on-policy rows are distilled (docs/continual.md)")
+    g.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
+                   "valid solution (fights memorising the small problem universe)")
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
                    "chat model's <answer> needs more: 64-256")
-    p.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
-    p.add_argument("--rollout", default="student", choices=["student", "skd"], help="on-policy rows: the student "
+    g.add_argument("--rollout", default="student", choices=["student", "skd"], help="on-policy rows: the student "
                    "samples (student), or speculative KD: the teacher keeps each student token that is in its "
                    "top --skd-top-k and replaces the others by its own (skd)")
-    p.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
+    g.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
                    "plain on-policy sampling, 1 = the teacher's greedy tokens)")
-    p.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
+    g.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
                    "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
-    # RL, and distillation plus reward
-    p.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
+    g = p.add_argument_group("the loss")
+    g.add_argument("--loss", default="rkl", choices=LOSSES)
+    g.add_argument("--beta", type=float, default=0.5, help="jsd interpolation, in (0, 1)")
+    g.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
+    g.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
+                   help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
+                   "differ; off: refuse such a teacher)")
+    g.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
+                   "term on the tokens the two vocabularies do not share")
+    g.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
                    "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
-    p.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
+    g.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
                    "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
-    p.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
+    g.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
                    "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
-    # optimisation
-    p.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
-    p.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
-    p.add_argument("--lr", type=float, default=None, help="default: sft 2e-3, distill 2e-4")
-    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
-    p.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 20")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    # eval, logging, checkpoints
-    p.add_argument("--eval-every", type=int, default=None, help="val accuracy every N steps (0 = only at the end)")
-    p.add_argument("--eval-n", type=int, default=0, help="val (and distill's test) problems to evaluate (0 = all)")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    p.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this much training time")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tokenizer", default=TOKENIZER_PATH)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
+    g.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
+    g.add_argument("--lr", type=float, default=None, help="default: sft 2e-3, distill 2e-4")
+    g.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
+    g.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 20")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g = p.add_argument_group("eval, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=None, help="val accuracy every N steps (0 = only at the end)")
+    g.add_argument("--eval-n", type=int, default=0, help="val (and distill's test) problems to evaluate (0 = all)")
+    g.add_argument("--save-every", type=int, default=500)
+    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    g.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this much training time")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
