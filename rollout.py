@@ -158,9 +158,10 @@ def speculative_choice(proposal, t_logits, top_k, temperature, noise):
     tokens (ties at the k-th logit count as inside), else take a token drawn from the teacher's top_k at
     the same temperature. top_k = vocabulary keeps every proposal (plain on-policy sampling); top_k = 1
     takes the teacher's greedy token at every position. Returns (tokens [B], kept [B])."""
-    kth = torch.topk(t_logits, top_k, dim=-1).values[:, -1:]
-    kept = (t_logits.gather(-1, proposal[:, None]) >= kth).squeeze(-1)
-    return torch.where(kept, proposal, sample_token(t_logits, temperature, top_k, noise=noise)), kept
+    inside = t_logits >= torch.topk(t_logits, top_k, dim=-1).values[:, -1:]  # one top-k for both uses
+    kept = inside.gather(-1, proposal[:, None]).squeeze(-1)
+    own = sample_token(t_logits.masked_fill(~inside, float("-inf")), temperature, noise=noise)
+    return torch.where(kept, proposal, own), kept
 
 
 @torch.no_grad()

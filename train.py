@@ -327,10 +327,13 @@ def sample(model, prompts, run, step, stream, teacher=None):
 
 def decode_replica(model, run):
     """--compile: a plain, unsharded GPT holding model's current weights in the compute dtype, for the compiled
-    decode step (FSDP's hooks do not compile). One per model, kept across steps and refreshed in place, so
-    its weights stay at the addresses CUDA graphs replay on. Costs a whole copy of the model per rank (and,
-    while refreshing, its fp32 weights gathered whole); FSDP holds every block whole while decoding anyway."""
+    decode step (FSDP's hooks do not compile). One per model, kept across steps and refreshed in place while
+    the model trains (a frozen teacher's once), so its weights stay at the addresses CUDA graphs replay on.
+    Costs a whole copy of the model per rank (and, while refreshing, its fp32 weights gathered whole); FSDP
+    holds every block whole while decoding anyway."""
     replica = run.replicas.get(id(model))
+    if replica is not None and not any(p.requires_grad for p in model.parameters()):
+        return replica
     if replica is None:
         replica = GPT(model.cfg).to(run.device, compute_dtype(run.device)).requires_grad_(False)
         run.replicas[id(model)] = replica
