@@ -6,9 +6,15 @@ A plain `python train.py` is a group of one, so the code path is the same for 1 
 """
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+# A collective that waits this long for its peers fails with an error instead of hanging: ranks that run
+# different collectives (a bug) never pair up. Long enough for rank 0 to write a large checkpoint.
+TIMEOUT = timedelta(seconds=float(os.environ.get("OPD_DIST_TIMEOUT_S", 600)))
 
 
 def setup_dist(device_arg):
@@ -22,7 +28,7 @@ def setup_dist(device_arg):
         device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, device_id=device if cuda else None)
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=TIMEOUT)
     else:  # plain `python train.py`: a group of one, so the FSDP code path is the same
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -67,6 +73,16 @@ def full_parameters(model):
     """{name: the whole parameter}, gathered from FSDP's shards (an all-gather each) on every rank."""
     from torch.distributed.tensor import DTensor
     return {name: p.full_tensor() if isinstance(p, DTensor) else p for name, p in model.named_parameters()}
+
+
+def any_rank(flag, device):
+    """Whether flag is true on any rank: a branch that changes which FSDP forwards a rank runs must be taken
+    by every rank, or the ranks' all-gathers no longer pair up."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor(float(bool(flag)), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
 
 
 def all_sum(x, device):

@@ -11,6 +11,7 @@ import torch
 from chat import load_chat
 from checkpoint import load_pretrained, resolve_checkpoint
 from data.countdown import countdown_format
+from distributed import any_rank
 from model import distinct_rows, prefill
 
 
@@ -61,7 +62,7 @@ def score(teacher, batch, autocast=False, start=1, share_prompts=True, hidden_st
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
         if start == P and share_prompts and P > 1:
             groups = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
-            if len(groups[0]) < len(batch.tokens):
+            if any_rank(len(groups[0]) < len(batch.tokens), batch.tokens.device):
                 pos = batch.pos
                 last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T, groups, head)
                 rest = teacher(batch.tokens[:, P:], pos[:, P:], batch.valid[:, P:], cache, head=head)

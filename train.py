@@ -60,7 +60,7 @@ from checkpoint import (CheckpointError, latest_checkpoint, load_config, load_pr
 from crosstok import cross_tokenizer_batch, cross_tokenizer_loss, shared_vocab
 from data import arith
 from data.countdown import TOKENIZER_PATH, CharFormat, augment, countdown_format, load_split
-from distributed import all_sum, compute_dtype, decoding, full_parameters, setup_dist, shard
+from distributed import all_sum, any_rank, compute_dtype, decoding, full_parameters, setup_dist, shard
 from eval_countdown import countdown_eval, summarize
 from flops import flops_fused_loss, flops_generate, flops_score, flops_train
 from lora import add_lora, merge, scale_of, trainable_params
@@ -424,7 +424,7 @@ def student_forward(model, batch, c, autocast, loss_fn=None, share_prompts=False
     with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
         if loss_fn is not None and share_prompts and c == P > 1:
             groups = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
-            if len(groups[0]) < len(batch.tokens):
+            if any_rank(len(groups[0]) < len(batch.tokens), batch.tokens.device):
                 pos, valid = batch.pos, batch.valid
                 last, cache = prefill(model, batch.tokens[:, :P], pos[:, :P], valid[:, :P], batch.tokens.size(1),
                                       groups, head=hidden, cache_cls=GradKV)
