@@ -18,13 +18,77 @@ RL (train.py --stage rl) is the same policy gradient with a sequence-level advan
 reward (reward_advantage) in place of the teacher's log-ratio; distillation plus reward adds the two.
 
 One normalisation for every loss: the sum over the completion tokens of the optimizer step divided by
-their count (`n_tokens`, all micro-batches and ranks), never a per-sequence mean.
-Teachers with another tokenizer: crosstok.py.
+their count (`n_tokens`, all ranks), never a per-sequence mean.
+Teachers with another tokenizer: crosstok.py. A new divergence is one registered function (below).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("fkl", "rkl", "jsd", "sampled")
+# ------------------------------------------------------------------- the divergences, one function each
+# A divergence is f(log_ps, log_pt, beta) -> [N]: log_ps, log_pt [N, V] fp32 log-softmax of the student's
+# and the teacher's tempered logits, beta its one weight in [0, 1] (ignored where it has none). Registered
+# under a name, it is a `--loss NAME --beta B` of every path below (chunked, head-fused, crosstok), which
+# differentiates it by autograd one chunk at a time; fkl, rkl and jsd also have a hand-derived gradient
+# (_divergence_and_grad). A beta out of range raises ValueError (check_divergence).
+
+DIVERGENCES = {}
+
+
+def divergence(name):
+    """Decorator: register f(log_ps, log_pt, beta) -> [N] as the divergence `name`. f must be a
+    divergence: >= 0, and 0 where p_S = p_T (the paths set it, and its gradient, to exactly 0 there)."""
+    def register(f):
+        DIVERGENCES[name] = f
+        return f
+    return register
+
+
+def kl(log_p, log_q):
+    """KL(p || q) per position, from log-probabilities [N, V]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def log_mix(log_p, log_q, a):
+    """log(a p + (1-a) q), staying in log space: no underflow where p or q is tiny."""
+    if a <= 0 or a >= 1:
+        return log_p if a >= 1 else log_q
+    return torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
+
+
+def _need_beta(ok, name, beta, interval):
+    if not ok:
+        raise ValueError(f"{name} needs beta in {interval}, got {beta}")
+
+
+@divergence("fkl")
+def fkl(log_ps, log_pt, beta):
+    return kl(log_pt, log_ps)
+
+
+@divergence("rkl")
+def rkl(log_ps, log_pt, beta):
+    return kl(log_ps, log_pt)
+
+
+@divergence("jsd")
+def jsd(log_ps, log_pt, beta):
+    _need_beta(0 < beta < 1, "jsd", beta, "(0, 1)")
+    log_m = log_mix(log_pt, log_ps, beta)
+    return beta * kl(log_pt, log_m) + (1 - beta) * kl(log_ps, log_m)
+
+
+# train.py's --loss choices: the four first, as they always were
+LOSSES = ("fkl", "rkl", "jsd", "sampled") + tuple(n for n in DIVERGENCES if n not in ("fkl", "rkl", "jsd"))
+
+
+def check_divergence(loss, beta):
+    """Raise ValueError if `loss` is not a registered divergence or refuses this beta (train.py's
+    argument check, before any step)."""
+    if loss not in DIVERGENCES:
+        raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(DIVERGENCES)})")
+    DIVERGENCES[loss](torch.zeros(1, 2), torch.zeros(1, 2), beta)
 
 
 CHUNK_ELEMENTS = 2 ** 22  # positions x vocabulary per chunk by default: 16 MB per fp32 temporary
@@ -68,15 +132,37 @@ def token_logprobs(logits, tokens, chunk_size=0):
     return _TokenLogprobs.apply(logits, tokens, chunk_size)
 
 
+HAND_DERIVED = ("fkl", "rkl", "jsd")  # the names _divergence_and_grad differentiates by hand
+
+
+def _autograd_divergence_and_grad(f, s, log_pt, beta, temperature, grad):
+    """_divergence_and_grad by autograd through the registered function f, on one chunk: the graph lives
+    only inside this call. Where p_S = p_T exactly (the divergence's minimum) the value and gradient are
+    set to exactly 0, as the hand-derived ones are: round-off there would become a full Adam step."""
+    # backward of an autograd.Function runs without grad mode; a forward needs no graph
+    with torch.enable_grad() if grad else torch.no_grad():
+        x = s.detach().requires_grad_(grad)
+        log_ps = F.log_softmax(x / temperature, -1)
+        val = f(log_ps, log_pt, beta)
+        g = torch.autograd.grad(val.sum(), x)[0] if grad else None
+    same = (log_ps == log_pt).all(-1)
+    return val.detach().masked_fill(same, 0), g.masked_fill(same[:, None], 0) if grad else None
+
+
 def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature, grad=True):
     """Per-position divergence [N] and its gradient w.r.t. the student logits [N, V] (None when not
-    grad: a forward that recomputes it in backward need not form it), both analytic.
+    grad: a forward that recomputes it in backward need not form it): analytic for HAND_DERIVED, by
+    autograd for any other registered divergence.
 
-    Written so that identical inputs give exactly 0 and an exactly-0 gradient (no round-off that Adam
-    would amplify into a real step)."""
+    Identical inputs give exactly 0 and an exactly-0 gradient (no round-off that Adam would amplify into a
+    real step): the analytic formulas are written so, the autograd path masks those rows."""
+    if loss not in DIVERGENCES:
+        raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(DIVERGENCES)})")
     dt = torch.promote_types(s_logits.dtype, torch.float32)
-    log_ps = F.log_softmax(s_logits.to(dt) / temperature, -1)
     log_pt = F.log_softmax(t_logits.to(dt) / temperature, -1)
+    if loss not in HAND_DERIVED:
+        return _autograd_divergence_and_grad(DIVERGENCES[loss], s_logits.to(dt), log_pt, beta, temperature, grad)
+    log_ps = F.log_softmax(s_logits.to(dt) / temperature, -1)
     ps = log_ps.exp()
     if loss == "fkl":
         pt = log_pt.exp()
@@ -86,8 +172,7 @@ def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature, grad=True)
         val = (ps * d).sum(-1)
         return val, ps * (d - val[:, None]) / temperature if grad else None
     if loss == "jsd":
-        if not 0 < beta < 1:
-            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+        _need_beta(0 < beta < 1, "jsd", beta, "(0, 1)")
         # log m - log p_S with m = beta p_T + (1-beta) p_S, stable for any gap d = log p_T - log p_S:
         # log1p(beta expm1(d)) when d <= 0, else d + log(beta + (1-beta) e^-d)
         d = log_pt - log_ps
@@ -99,12 +184,11 @@ def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature, grad=True)
             return val, None
         g = -(1 - beta) * lm_s  # dJ/dp_S (the terms through m cancel), then through the softmax
         return val, ps * (g - (ps * g).sum(-1, keepdim=True)) / temperature
-    raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
 
 
 class _Divergence(torch.autograd.Function):
-    """Sum over positions of the divergence, with the analytic gradient for the student logits only
-    (the teacher's logits are constants)."""
+    """Sum over positions of the divergence, with the gradient (_divergence_and_grad) for the student
+    logits only (the teacher's logits are constants)."""
 
     @staticmethod
     def forward(ctx, s_logits, t_logits, loss, beta, temperature):
@@ -120,7 +204,7 @@ class _Divergence(torch.autograd.Function):
 
 class _MaskedDivergence(torch.autograd.Function):
     """Sum of the divergence over the positions `rows` of the flattened logits, a chunk of positions at a
-    time; backward recomputes each chunk's analytic gradient into the student logits' gradient, so no
+    time; backward recomputes each chunk's gradient into the student logits' gradient, so no
     [positions, V] copy or gradient is kept between forward and backward."""
 
     @staticmethod
@@ -295,3 +379,62 @@ def sampled_token_loss(s_logprobs, old_logprobs, t_logprobs, mask, n_tokens):
     t_logprobs log p_T(x_t)."""
     return policy_gradient_loss(s_logprobs, old_logprobs, distill_advantage(t_logprobs, old_logprobs), mask,
                                 n_tokens)
+
+
+# ------------------------------------------------------------------------------ the objective of each stage
+# train.py picks one by --stage, once. Each runs as the head= of the student's forward (model.forward_from):
+# from its final-normed hidden states h [B, N, d] where it predicts the N completion tokens and its head
+# weight W, it returns (the loss: a sum over this rank's completion tokens / n_tokens of the whole step, the
+# reverse KL summed over its own samples' tokens for the log, or None). run: train.Run (args, t_head).
+
+def sft_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
+    """Cross-entropy of the given completions."""
+    c = batch.prompt_len
+    return -head_token_logprobs(h, w, batch.tokens[:, c:], batch.mask[:, c:], run.args.chunk_size).sum() / n_tokens, None
+
+
+def rl_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
+    """The policy gradient of the sampled estimator with the verifier's reward advantage [B] on every token of
+    a row in place of the teacher's log-ratio."""
+    c = batch.prompt_len
+    m = batch.mask[:, c:]
+    s_lp = head_token_logprobs(h, w, batch.tokens[:, c:], m, run.args.chunk_size)
+    return policy_gradient_loss(s_lp, batch.logprobs[:, c:], reward_adv[:, None], m, n_tokens), None
+
+
+def distill_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
+    """The divergence to the teacher (its hidden states t_h, head weight run.t_head) over the full
+    vocabularies, or the sampled estimator (a policy gradient with the teacher's log-ratio as advantage and
+    the rollout's logprobs as p_old, plus --reward-weight x the rows' reward advantage when given; the
+    teacher gives only log p_T of the sampled tokens, and the logged reverse KL is its one-sample estimate).
+    --sft-mix: the off-policy rows (another task's ground truth) learn by cross-entropy instead."""
+    args, c = run.args, batch.prompt_len
+    tgt, m, on = batch.tokens[:, c:], batch.mask[:, c:], batch.on_policy[:, None]
+    ce = 0.0
+    if args.sft_mix:
+        ce = -head_token_logprobs(h, w, tgt, m & ~on, args.chunk_size).sum() / n_tokens
+        m = m & on
+    if args.loss == "sampled":
+        s_lp, old_lp = head_token_logprobs(h, w, tgt, m, args.chunk_size), batch.logprobs[:, c:]
+        with torch.no_grad():
+            t_lp = head_token_logprobs(t_h, run.t_head, tgt, m, args.chunk_size)
+        adv = distill_advantage(t_lp, old_lp)
+        if reward_adv is not None:
+            adv = adv + args.reward_weight * reward_adv[:, None]
+        return policy_gradient_loss(s_lp, old_lp, adv, m, n_tokens), ((old_lp - t_lp) * (m & on)).sum()
+    loss, rkl = head_divergence_loss(h, w, t_h, run.t_head, m, args.loss, n_tokens, args.beta, args.loss_temperature,
+                                     args.chunk_size, metric=on.expand_as(m))
+    return loss + ce, rkl
+
+
+OBJECTIVES = {"sft": sft_objective, "rl": rl_objective, "distill": distill_objective}
+
+
+def step_reward_advantage(reward, group_size, norm, rank, world):
+    """This rank's rows' reward_advantage. A prompt's samples are consecutive global rows and rank r holds
+    rows r::world, so the step's rewards are gathered from every rank first."""
+    full = torch.zeros(len(reward) * world, device=reward.device)
+    full[rank::world] = reward
+    if world > 1:
+        torch.distributed.all_reduce(full)
+    return reward_advantage(full, group_size, norm)[rank::world]

@@ -1,11 +1,14 @@
 """losses.py: every divergence against a float64 brute force written with the math module, plus gradients
-(finite differences, chunking), and the sampled estimator's gradient against the exact reverse-KL gradient."""
+(finite differences, chunking, float64 autograd), the generic autograd path against the hand-derived one,
+a divergence registered here, and the sampled estimator's gradient against the exact reverse-KL gradient."""
 import math
 
 import pytest
 import torch
 
-from losses import LOSSES, divergence_loss, per_token_divergence, sampled_token_loss
+import losses
+from losses import (LOSSES, check_divergence, divergence, divergence_loss, divergence_sum, head_divergence_loss,
+                    head_divergence_sum, per_token_divergence, sampled_token_loss)
 
 
 def brute(s_row, t_row, loss, beta, temp):
@@ -17,12 +20,16 @@ def brute(s_row, t_row, loss, beta, temp):
         return [v / sum(e) for v in e]
     ps, pt = softmax(s_row), softmax(t_row)
     kl = lambda p, q: sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+    mix = lambda a, p, q: [a * x + (1 - a) * y for x, y in zip(p, q)]
     if loss == "fkl":
         return kl(pt, ps)
     if loss == "rkl":
         return kl(ps, pt)
-    m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+    m = mix(beta, pt, ps)
     return beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+
+
+DIVS = [name for name in LOSSES if name != "sampled"]  # every registered divergence
 
 
 def rand_case(seed, B=3, T=7, V=6, scale=3.0):
@@ -65,7 +72,7 @@ def test_chunking_gives_same_value_and_gradient(loss):
 
 def test_zero_iff_identical_and_jsd_symmetric():
     s, t, mask = rand_case(2)
-    for loss in ("fkl", "rkl", "jsd"):
+    for loss in DIVS:
         assert abs(divergence_loss(s, s.clone(), mask, loss, 1.0).item()) < 1e-12
         assert divergence_loss(s, t, mask, loss, 1.0).item() > 1e-3
     a = per_token_divergence(s.flatten(0, 1), t.flatten(0, 1), "jsd", beta=0.5)
@@ -87,7 +94,7 @@ def test_gradcheck(loss):
                                                                   chunk_size=2), (s,))
 
 
-@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("loss", DIVS)
 def test_identical_distributions_give_exactly_zero_gradient(loss):
     s, _, mask = rand_case(5, V=23)
     for dtype in (torch.float32, torch.float64):
@@ -95,11 +102,16 @@ def test_identical_distributions_give_exactly_zero_gradient(loss):
         val = divergence_loss(x, x.detach().clone(), mask, loss, 3.0, beta=0.37, temperature=0.9)
         val.backward()
         assert val.item() == 0.0 and (x.grad == 0).all()
+    h, w, _, _, mask = head_case(5)
+    a = [v.clone().requires_grad_(True) for v in (h, w)]
+    val, _ = head_divergence_loss(a[0], a[1], h, w, mask, loss, 3.0, beta=0.37, temperature=0.9, chunk_size=4)
+    val.backward()
+    assert val.item() == 0.0 and (a[0].grad == 0).all() and (a[1].grad == 0).all()
 
 
 def test_extreme_logits_stay_finite():
     s, t, mask = rand_case(6, scale=60.0)
-    for loss in ("fkl", "rkl", "jsd"):
+    for loss in DIVS:
         x = s.float().requires_grad_(True)
         val = divergence_loss(x, t.float(), mask, loss, 1.0, beta=0.1)
         val.backward()
@@ -108,12 +120,22 @@ def test_extreme_logits_stay_finite():
 
 def test_bad_names_and_beta():
     s, t, mask = rand_case(4)
-    with pytest.raises(ValueError, match="unknown loss"):
-        divergence_loss(s, t, mask, "kl", 1.0)
-    for beta in (0.0, 1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="beta"):
-            divergence_loss(s, t, mask, "jsd", 1.0, beta=beta)
-    assert set(LOSSES) == {"fkl", "rkl", "jsd", "sampled"}
+    for name in ("kl", "sampled"):  # sampled is a loss on sampled tokens, not a divergence
+        with pytest.raises(ValueError, match="unknown loss"):
+            divergence_loss(s, t, mask, name, 1.0)
+        with pytest.raises(ValueError, match="unknown loss"):
+            check_divergence(name, 0.5)
+    bad = {"jsd": (0.0, 1.0, -0.1, 1.5)}
+    for loss, betas in bad.items():
+        for beta in betas:
+            with pytest.raises(ValueError, match=f"{loss} needs beta"):
+                divergence_loss(s, t, mask, loss, 1.0, beta=beta)
+            with pytest.raises(ValueError, match=f"{loss} needs beta"):
+                check_divergence(loss, beta)
+    for loss, beta in (("fkl", 5.0), ("rkl", -1.0), ("jsd", 0.5)):
+        check_divergence(loss, beta)
+    assert LOSSES[:4] == ("fkl", "rkl", "jsd", "sampled")  # train.py's --loss choices, the old ones first
+    assert set(LOSSES) == set(losses.DIVERGENCES) | {"sampled"} and len(set(LOSSES)) == len(LOSSES)
 
 
 def test_sampled_estimator_gradient_is_reverse_kl_gradient_in_expectation():
@@ -168,7 +190,7 @@ def test_token_logprobs_in_blocks_match_log_softmax_in_float64():
         torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("loss", DIVS)
 def test_divergence_keeps_nothing_of_size_positions_by_vocab_for_backward(loss):
     """What autograd saves between forward and backward is the logits themselves (and the small position
     index), never a softmax or gradient copy of size [positions, V]."""
@@ -256,3 +278,109 @@ def test_fused_head_keeps_nothing_of_size_positions_by_vocab():
     (loss + lp.sum()).backward()
     n = mask.sum().item()
     assert saved and all(a.numel() < n * 500 / 4 for a in saved), [a.shape for a in saved]
+
+
+# ------------------------------------------------------------------- the registry: any divergence, every path
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry, copied, for a test to register into (the module's own comes back after)."""
+    monkeypatch.setattr(losses, "DIVERGENCES", dict(losses.DIVERGENCES))
+    return losses.DIVERGENCES
+
+
+def run_paths(loss, beta, temp=0.7):
+    """The loss and its gradients through every path, chunks of 1, 4 and all positions (the masked counts,
+    19 and 13, are not multiples of 4), masks with holes: [(value, gradient w.r.t. the student logits)] of
+    divergence_loss in float64, [(value, dh_s, dW_s)] of head_divergence_loss in fp32, and the no-grad sums."""
+    s, t, mask = rand_case(9, B=3, T=9, V=13)
+    h_s, w_s, h_t, w_t, hmask = head_case(10)
+    assert mask.sum() == 19 and hmask.sum() == 13
+    chunked, fused = [], []
+    for chunk in (1, 4, 0):
+        x = s.clone().requires_grad_(True)
+        val = divergence_loss(x, t, mask, loss, 7.0, beta, temp, chunk)
+        val.backward()
+        chunked.append((val.detach(), x.grad))
+        a = [v.clone().requires_grad_(True) for v in (h_s, w_s)]
+        val, _ = head_divergence_loss(a[0], a[1], h_t, w_t, hmask, loss, 5.0, beta, temp, chunk)
+        val.backward()
+        fused.append((val.detach(), a[0].grad, a[1].grad))
+    sums = (per_token_divergence(s[mask], t[mask], loss, beta, temp).sum(),
+            divergence_sum(s, t, mask, loss, beta, temp, chunk_size=4),
+            head_divergence_sum(h_s, w_s, h_t, w_t, hmask, loss, beta, temp, chunk_size=4))
+    return chunked, fused, sums
+
+
+def reference_paths(ref, temp=0.7):
+    """run_paths' numbers from ref(s_logits, t_logits, temp) -> [N], a float64 definition differentiated
+    by plain autograd on the whole logits (the fused ones from h W^T in float64)."""
+    s, t, mask = rand_case(9, B=3, T=9, V=13)
+    h_s, w_s, h_t, w_t, hmask = head_case(10)
+    x = s.clone().requires_grad_(True)
+    val = ref(x[mask], t[mask], temp).sum() / 7.0
+    val.backward()
+    a = [v.double().requires_grad_(True) for v in (h_s, w_s)]
+    t_logits = h_t.double() @ w_t.double().T
+    hval = ref((a[0] @ a[1].T)[hmask], t_logits[hmask], temp).sum() / 5.0
+    hval.backward()
+    return (val.detach(), x.grad), (hval.detach(), a[0].grad, a[1].grad), (val.detach() * 7.0, hval.detach() * 5.0)
+
+
+def assert_paths_match(got, want):
+    """run_paths' numbers against the same from another path or a reference: float64 to round-off, the
+    fp32 head-fused path to fp32 precision."""
+    chunked, fused, sums = got
+    w_chunked, w_fused, w_sums = want
+    close64 = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    close32 = lambda a, b: torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+    for val, grad in chunked:
+        close64(val, w_chunked[0])
+        close64(grad, w_chunked[1])
+    for val, gh, gw in fused:
+        for a, b in zip((val, gh, gw), w_fused):
+            close32(a, b)
+    close64(sums[0], w_sums[0])
+    close64(sums[1], w_sums[0])
+    close32(sums[2], w_sums[1])
+
+
+@pytest.mark.parametrize("loss,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3), ("jsd", 0.8)])
+def test_autograd_path_equals_the_hand_derived_one(loss, beta, registry):
+    """fkl / rkl / jsd's registered function under a name with no hand-derived gradient goes through the
+    generic path (autograd inside each chunk, recomputed in backward): the same values and gradients as
+    the analytic path, chunked, head-fused (h and W) and summed."""
+    calls = []
+    registry["plain"] = lambda *args: calls.append(1) or registry[loss](*args)
+    chunked, fused, sums = run_paths(loss, beta)
+    assert not calls  # the analytic path does not call the registered function
+    assert_paths_match(run_paths("plain", beta), (chunked[0], fused[0], (sums[0], sums[2])))
+    assert calls and fused[0][2].abs().sum() > 0
+
+
+def test_a_divergence_registered_here_runs_on_every_path(registry):
+    """Registering a function is all it takes: total variation (no beta) and Amari's alpha divergence
+    (alpha = beta) through divergence_loss, head_divergence_loss and the sums, against float64 autograd."""
+    @divergence("tv")
+    def total_variation(log_ps, log_pt, beta):
+        return 0.5 * (log_ps.exp() - log_pt.exp()).abs().sum(-1)
+
+    @divergence("alpha")
+    def alpha_divergence(log_ps, log_pt, beta):  # (1 - sum p_T^a p_S^(1-a)) / (a (1-a)), a = beta
+        return -torch.expm1(torch.logsumexp(beta * log_pt + (1 - beta) * log_ps, -1)) / (beta * (1 - beta))
+
+    def tv_ref(s, t, temp):
+        return 0.5 * (torch.softmax(s / temp, -1) - torch.softmax(t / temp, -1)).abs().sum(-1)
+
+    def alpha_ref(s, t, temp, a=0.3):
+        ps, pt = torch.softmax(s / temp, -1), torch.softmax(t / temp, -1)
+        return (1 - (pt ** a * ps ** (1 - a)).sum(-1)) / (a * (1 - a))
+
+    assert_paths_match(run_paths("tv", 0.5), reference_paths(tv_ref))
+    assert_paths_match(run_paths("alpha", 0.3), reference_paths(alpha_ref))
+    s, _, mask = rand_case(11)
+    x = s.clone().requires_grad_(True)
+    val = divergence_loss(x, s.clone(), mask, "alpha", 1.0, beta=0.3)
+    val.backward()
+    assert val.item() == 0.0 and (x.grad == 0).all()
+    check_divergence("tv", 0.5)
