@@ -7,6 +7,9 @@ rescaling). On each completion token:
     rkl      KL(p_S || p_T)                               reverse, mode-seeking
     jsd      beta KL(p_T || M) + (1-beta) KL(p_S || M),   M = beta p_T + (1-beta) p_S, beta in (0, 1)
              (the GKD paper's generalized JSD; it tends to 0 at both ends, so beta=0 is not fkl)
+    skew_fkl KL(p_T || beta p_T + (1-beta) p_S)            DistiLLM's skew KL, beta in [0, 1) (0: fkl)
+    skew_rkl KL(p_S || beta p_S + (1-beta) p_T)            DistiLLM's skew reverse KL, beta in [0, 1)
+    fkl_rkl  beta fkl + (1-beta) rkl                       beta in [0, 1]
     sampled  -exp(log p_S(x) - log p_old(x)) * A,          A = log p_T(x) - log p_old(x), detached
              the Thinking Machines estimator on the sampled token x: on-policy distillation as RL, a
              policy gradient whose per-token advantage is the teacher's log-ratio (distill_advantage);
@@ -77,6 +80,27 @@ def jsd(log_ps, log_pt, beta):
     _need_beta(0 < beta < 1, "jsd", beta, "(0, 1)")
     log_m = log_mix(log_pt, log_ps, beta)
     return beta * kl(log_pt, log_m) + (1 - beta) * kl(log_ps, log_m)
+
+
+@divergence("skew_fkl")
+def skew_fkl(log_ps, log_pt, beta):
+    """DistiLLM's skew KL (Ko et al. 2024): KL(p_T || beta p_T + (1-beta) p_S); beta 0 is fkl."""
+    _need_beta(0 <= beta < 1, "skew_fkl", beta, "[0, 1)")
+    return kl(log_pt, log_mix(log_pt, log_ps, beta))
+
+
+@divergence("skew_rkl")
+def skew_rkl(log_ps, log_pt, beta):
+    """DistiLLM's skew reverse KL: KL(p_S || beta p_S + (1-beta) p_T); beta 0 is rkl."""
+    _need_beta(0 <= beta < 1, "skew_rkl", beta, "[0, 1)")
+    return kl(log_ps, log_mix(log_ps, log_pt, beta))
+
+
+@divergence("fkl_rkl")
+def fkl_rkl(log_ps, log_pt, beta):
+    """beta fkl + (1-beta) rkl."""
+    _need_beta(0 <= beta <= 1, "fkl_rkl", beta, "[0, 1]")
+    return beta * kl(log_pt, log_ps) + (1 - beta) * kl(log_ps, log_pt)
 
 
 # train.py's --loss choices: the four first, as they always were

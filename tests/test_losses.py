@@ -25,6 +25,12 @@ def brute(s_row, t_row, loss, beta, temp):
         return kl(pt, ps)
     if loss == "rkl":
         return kl(ps, pt)
+    if loss == "skew_fkl":
+        return kl(pt, mix(beta, pt, ps))
+    if loss == "skew_rkl":
+        return kl(ps, mix(beta, ps, pt))
+    if loss == "fkl_rkl":
+        return beta * kl(pt, ps) + (1 - beta) * kl(ps, pt)
     m = mix(beta, pt, ps)
     return beta * kl(pt, m) + (1 - beta) * kl(ps, m)
 
@@ -41,7 +47,9 @@ def rand_case(seed, B=3, T=7, V=6, scale=3.0):
     return s, t, mask
 
 
-@pytest.mark.parametrize("loss,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)])
+@pytest.mark.parametrize("loss,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9),
+                                       ("skew_fkl", 0.1), ("skew_fkl", 0.0), ("skew_rkl", 0.1), ("skew_rkl", 0.7),
+                                       ("fkl_rkl", 0.3), ("fkl_rkl", 1.0)])
 @pytest.mark.parametrize("temp", [1.0, 0.7, 2.0])
 def test_matches_float64_brute_force(loss, beta, temp):
     s, t, mask = rand_case(0)
@@ -125,17 +133,27 @@ def test_bad_names_and_beta():
             divergence_loss(s, t, mask, name, 1.0)
         with pytest.raises(ValueError, match="unknown loss"):
             check_divergence(name, 0.5)
-    bad = {"jsd": (0.0, 1.0, -0.1, 1.5)}
+    bad = {"jsd": (0.0, 1.0, -0.1, 1.5), "skew_fkl": (1.0, -0.1), "skew_rkl": (1.0, 1.5), "fkl_rkl": (-0.1, 1.1)}
     for loss, betas in bad.items():
         for beta in betas:
             with pytest.raises(ValueError, match=f"{loss} needs beta"):
                 divergence_loss(s, t, mask, loss, 1.0, beta=beta)
             with pytest.raises(ValueError, match=f"{loss} needs beta"):
                 check_divergence(loss, beta)
-    for loss, beta in (("fkl", 5.0), ("rkl", -1.0), ("jsd", 0.5)):
+    for loss, beta in (("fkl", 5.0), ("rkl", -1.0), ("jsd", 0.5), ("skew_fkl", 0.0), ("skew_rkl", 0.9),
+                       ("fkl_rkl", 0.0), ("fkl_rkl", 1.0)):
         check_divergence(loss, beta)
     assert LOSSES[:4] == ("fkl", "rkl", "jsd", "sampled")  # train.py's --loss choices, the old ones first
     assert set(LOSSES) == set(losses.DIVERGENCES) | {"sampled"} and len(set(LOSSES)) == len(LOSSES)
+
+
+def test_skew_and_mix_ends_are_the_plain_kls():
+    s, t, mask = rand_case(8)
+    d = lambda loss, beta: divergence_loss(s, t, mask, loss, 1.0, beta=beta, temperature=0.8, chunk_size=4)
+    for a, b in ((d("skew_fkl", 0.0), d("fkl", 0.5)), (d("skew_rkl", 0.0), d("rkl", 0.5)),
+                 (d("fkl_rkl", 1.0), d("fkl", 0.5)), (d("fkl_rkl", 0.0), d("rkl", 0.5))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert d("skew_fkl", 0.5) < d("skew_fkl", 0.1) < d("fkl", 0.5)  # skewing towards p_T shrinks it
 
 
 def test_sampled_estimator_gradient_is_reverse_kl_gradient_in_expectation():
@@ -225,7 +243,7 @@ def head_case(seed, B=3, T=7, d=8, V=11):
     return h_s, w_s, h_t, w_t, mask
 
 
-@pytest.mark.parametrize("loss,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("loss,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3), ("skew_fkl", 0.1), ("fkl_rkl", 0.3)])
 @pytest.mark.parametrize("chunk", [0, 1, 4])
 def test_fused_head_divergence_equals_the_unfused_loss_and_gradients(loss, beta, chunk):
     """The loss from hidden states and head weights, the logits a chunk at a time, against divergence_loss
@@ -265,7 +283,8 @@ def test_fused_head_token_logprobs_equal_the_unfused_ones_and_gradients(chunk):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_head_keeps_nothing_of_size_positions_by_vocab():
+@pytest.mark.parametrize("name", ["rkl", "skew_fkl"])  # hand-derived and autograd
+def test_fused_head_keeps_nothing_of_size_positions_by_vocab(name):
     """Between forward and backward only the hidden states, head weights and small indices are saved: no
     logits (which never exist whole), softmax or gradient of size [positions, V]."""
     from losses import head_divergence_loss, head_token_logprobs
@@ -273,7 +292,7 @@ def test_fused_head_keeps_nothing_of_size_positions_by_vocab():
     h_s.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda a: saved.append(a) or a, lambda a: a):
-        loss, _ = head_divergence_loss(h_s, w_s, h_t, w_t, mask, "rkl", 7.0, chunk_size=3)
+        loss, _ = head_divergence_loss(h_s, w_s, h_t, w_t, mask, name, 7.0, beta=0.1, chunk_size=3)
         lp = head_token_logprobs(h_s, w_s, torch.zeros_like(mask, dtype=torch.long), mask, chunk_size=3)
     (loss + lp.sum()).backward()
     n = mask.sum().item()
@@ -356,6 +375,24 @@ def test_autograd_path_equals_the_hand_derived_one(loss, beta, registry):
     assert not calls  # the analytic path does not call the registered function
     assert_paths_match(run_paths("plain", beta), (chunked[0], fused[0], (sums[0], sums[2])))
     assert calls and fused[0][2].abs().sum() > 0
+
+
+def reference(loss, beta):
+    """The float64 definition of a registered divergence: probabilities, the mixtures as sums of them,
+    the logarithms taken last."""
+    def ref(s, t, temp):
+        ps, pt = torch.softmax(s / temp, -1), torch.softmax(t / temp, -1)
+        kl = lambda p, q: (p * (p.log() - q.log())).sum(-1)
+        return {"skew_fkl": lambda: kl(pt, beta * pt + (1 - beta) * ps),
+                "skew_rkl": lambda: kl(ps, beta * ps + (1 - beta) * pt),
+                "fkl_rkl": lambda: beta * kl(pt, ps) + (1 - beta) * kl(ps, pt)}[loss]()
+    return ref
+
+
+@pytest.mark.parametrize("loss,beta", [("skew_fkl", 0.1), ("skew_fkl", 0.6), ("skew_rkl", 0.1), ("skew_rkl", 0.6),
+                                       ("fkl_rkl", 0.3)])
+def test_skew_kl_and_kl_mix_match_float64_autograd(loss, beta):
+    assert_paths_match(run_paths(loss, beta), reference_paths(reference(loss, beta)))
 
 
 def test_a_divergence_registered_here_runs_on_every_path(registry):
