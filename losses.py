@@ -103,7 +103,7 @@ def fkl_rkl(log_ps, log_pt, beta):
     return beta * kl(log_pt, log_ps) + (1 - beta) * kl(log_ps, log_pt)
 
 
-# train.py's --loss choices: the four first, as they always were
+# train.py's --loss choices: the divergences registered above, after the four there always were
 LOSSES = ("fkl", "rkl", "jsd", "sampled") + tuple(n for n in DIVERGENCES if n not in ("fkl", "rkl", "jsd"))
 
 
