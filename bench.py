@@ -17,7 +17,7 @@ OMP_WAIT_POLICY=PASSIVE; the header says "the CPU is busy" when the load average
 Reference workload (the defaults): student 4 layers, width 256, 4 heads, MLP 1024; teacher 8 layers, width
 512, 8 heads, MLP 2048; random weights; the Countdown tokenizer's vocabulary (data/tokenizer.json, 23 ids);
 32 prompts of 33 tokens (BOS + 32 random characters, no padding); 32 new tokens per row with no early stop
-(eos id -1 never occurs); loss jsd (beta 0.5) through losses.divergence_loss; AdamW; fp32 on CPU.
+(eos id -1 never occurs); loss jsd (beta 0.5), train.py's (losses.OBJECTIVES); AdamW; fp32 on CPU.
 
 What is measured, each the median of --repeats runs after one warm-up:
   rollout      tokens/s of the student's greedy decode with the KV cache (rollout.generate) and with full
@@ -27,8 +27,10 @@ What is measured, each the median of --repeats runs after one warm-up:
   distill step seconds per call of train.py's own train_step at lambda = 1 (the student samples at
                temperature 1) and at lambda = 0 (given completions: random ids), split into its parts: rollout
                (sampling + packing the batch), teacher scoring, student forward + loss + backward, and
-               optimizer (clip + AdamW + zero_grad); the step is the whole call, its metrics included. The
-               models are not sharded (a process group of one, for train_step's all-reduces).
+               optimizer (clip + AdamW + zero_grad); the step is the whole call, its metrics included; with
+               --samples-per-prompt > 1 the lambda = 1 step again with no prefill shared. The models are not
+               sharded (a process group of one, for train_step's all-reduces): --dtype bf16 runs the step's
+               forwards under torch.autocast, its backward and optimizer outside (step_as_benched).
   what bounds  each part of the lambda = 1 step again, its matmul and attention kernels alone (kernel_floor:
                recorded below autograd, replayed back to back on random tensors of the same shapes), so the
                MFU the part would have if its norms, GELU, rotary, copies, sampling and Python were free.
@@ -47,20 +49,25 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import rollout
 import train
-from data.countdown import TOKENIZER_PATH, CharFormat, load_tokenizer
-from flops import flops_forward, flops_fused_loss, flops_generate, flops_score, matmul_params
 from checkpoint import load_pretrained
-from losses import divergence_loss
-from model import GPT, GPTConfig, distinct_rows, keep_layers, num_params, positions_from_valid, prefill
-from rollout import generate, left_pad, sample_token
-from teacher import head_weight, load_teacher, score
+from data.countdown import TOKENIZER_PATH, CharFormat, load_tokenizer
+from distributed import peak_mem_mb
+from flops import flops_forward, flops_fused_loss, flops_generate, flops_score, matmul_params
+from losses import OBJECTIVES, divergence_loss
+from model import (GPT, GPTConfig, GradKV, distinct_rows, forward_from, keep_layers, layer_slice, num_params,
+                   positions_from_valid, prefill)
+from rollout import Row, generate, left_pad, make_batch, sample_token, shared_prompts
+from teacher import head_weight, load_teacher, score, teacher_scores
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
@@ -275,6 +282,93 @@ def fixed_mmap_threshold(nbytes=1 << 16):
     except OSError:
         pass
 
+# ------------------------------------------------------------------------------ how bench runs train_step
+
+def machine(args):
+    """What every measurement reads about the device: args, device, bf16, cuda, sync, amp (bf16 autocast,
+    off for fp32) and the peak matmul size."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    return SimpleNamespace(args=args, device=device, bf16=args.dtype == "bf16", cuda=cuda,
+                           sync=torch.cuda.synchronize if cuda else (lambda: None),
+                           amp=lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"),
+                           matmul_n=args.matmul_size or (8192 if cuda else 2048), mem={})
+
+
+def measure_peak(w):
+    w.peak = matmul_peak(w.matmul_n, w.device, torch.bfloat16 if w.bf16 else torch.float32, w.args.repeats, w.sync)
+
+
+def timed(fn, w):
+    """fn as a function returning ({"s": seconds}, fn's output), under no_grad and bench's autocast: for
+    median_times."""
+    def run():
+        w.sync()
+        t0 = time.perf_counter()
+        with torch.no_grad(), w.amp():
+            out = fn()
+        w.sync()
+        return {"s": time.perf_counter() - t0}, out
+    return run
+
+
+@contextmanager
+def group_of_one(device):
+    """A process group of one for train_step's all-reduces, unless one is up already. The models stay
+    unsharded, so bench's numbers compare across runs without FSDP's hooks in them."""
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    try:
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+@contextmanager
+def patched(module, **names):
+    """module's attributes `names` replaced by the given values inside the block."""
+    old = {k: getattr(module, k) for k in names}
+    for k, v in names.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+def under(amp, fn):
+    """fn, called under amp()."""
+    def call(*a, **kw):
+        with amp():
+            return fn(*a, **kw)
+    return call
+
+
+def every_row_distinct(ids, valid):
+    """distinct_rows as if no two rows shared a prompt: each row its own group."""
+    rows = torch.arange(len(ids), device=ids.device)
+    return rows, rows
+
+
+@contextmanager
+def step_as_benched(w, share=True):
+    """The context bench calls train.train_step in. --dtype bf16: the step's forwards (rollout, teacher
+    scoring, the student's forward with its loss) under autocast, its backward and optimizer outside it:
+    autocast reaches into a backward run inside it and would cast the loss head's fp32 backward matmuls to
+    bf16. share=False: every row is its own prompt for the rollout, its FLOP count and rollout.shared_prompts,
+    so no prefill is shared (the l1_unshared step)."""
+    with ExitStack() as stack:
+        if w.bf16:
+            stack.enter_context(patched(train, **{name: under(w.amp, getattr(train, name))
+                                                  for name in ("make_batch", "teacher_scores", "forward_from")}))
+        if not share:
+            stack.enter_context(patched(rollout, distinct_rows=every_row_distinct))
+        yield
+
 # ------------------------------------------------------------------------------------ real checkpoints
 
 def unfused_distill_step(student, teacher, batch, optimizer, args):
@@ -298,82 +392,80 @@ def bench_checkpoints(args, load):
     head fused into the loss (train.py) and with both models' logits whole (unfused_distill_step), at
     --new-tokens and at twice as many."""
     fixed_mmap_threshold()
-    device = torch.device(args.device)
-    bf16, cuda = args.dtype == "bf16", device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
-    Peak = PeakCUDA if cuda else PeakRSS
-    peak = matmul_peak(args.matmul_size or (8192 if cuda else 2048), device, torch.bfloat16 if bf16 else torch.float32,
-                       args.repeats, sync)
+    w = machine(args)
+    measure_peak(w)
     teacher, _ = load_teacher(args.teacher)
     student = load_pretrained(args.student)
     if args.student_keep_layers:
-        student = keep_layers(student, train.layer_slice(args.student_keep_layers, student.cfg.n_layer))
-    teacher, student = teacher.to(device), student.to(device).train()
-    scfg = student.cfg
-    B, P, S = args.batch_size, args.prompt_len, args.samples_per_prompt
-    V = scfg.vocab_size
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device.type == "cuda")
+        student = keep_layers(student, layer_slice(args.student_keep_layers, student.cfg.n_layer))
+    w.teacher, w.student = teacher.to(w.device), student.to(w.device).train()
+    w.optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.1,
+                                    fused=w.cuda)
+    B, P, S, V = args.batch_size, args.prompt_len, args.samples_per_prompt, student.cfg.vocab_size
     g = torch.Generator().manual_seed(args.seed)
-    prompts = [p for p in (torch.randint(V, (P,), generator=g).tolist() for _ in range(B // S)) for _ in range(S)]
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+    w.prompts = [p for p in (torch.randint(V, (P,), generator=g).tolist() for _ in range(B // S)) for _ in range(S)]
     grad_mb = sum(p.numel() * p.element_size() for p in student.parameters()) / 2 ** 20
-    res = dict(device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load, batch=B,
-               prompt_len=P, matmul_peak_gflops=peak,
+    res = dict(device=str(w.device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load, batch=B,
+               prompt_len=P, matmul_peak_gflops=w.peak,
                samples_per_prompt=S, loss=args.loss, student=args.student, student_keep_layers=args.student_keep_layers,
                teacher=args.teacher, student_params=num_params(student), teacher_params=num_params(teacher),
                vocab=V, grad_mb=grad_mb)
-    for N in (args.new_tokens, 2 * args.new_tokens):
-        targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B),
-                                  "--samples-per-prompt", str(S), "--max-new-tokens", str(N), "--lr", "1e-6",
-                                  "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull] +
-                                 ["--compile"] * args.compile)
-        run = train.Run(targs, None, None, False, None, 0, 1, device, 0, -1, autocast=bf16,
-                        t_head=head_weight(teacher, torch.bfloat16 if bf16 else None))
-        rows = [train.Row(p, None, True, None) for p in prompts]
-        train.train_step(0, rows, student, teacher, optimizer, run)  # warm-up; AdamW allocates its state
-        ids, valid = left_pad(prompts, 0, device)
+    with group_of_one(w.device):
+        for N in (args.new_tokens, 2 * args.new_tokens):
+            res[f"new_tokens_{N}"] = checkpoint_step(w, N)
+    print_checkpoints(args, res, load, w)
+    print(json.dumps(rounded(res)))
 
-        def rollout(compile):
-            def fn():
-                sync()
-                t0 = time.perf_counter()
-                with torch.no_grad(), amp():
-                    generate(student, ids, valid, N, -1, 0, temperature=1.0, compile=compile,
-                             generator=torch.Generator(device).manual_seed(0))
-                sync()
-                return {"s": time.perf_counter() - t0}, None
-            return fn
-        fns = {"eager": rollout(False)} | ({"compiled": rollout(True)} if args.compile else {})
-        t_first = {k: fn()[0]["s"] for k, fn in fns.items()}  # warm-up: the compiled step compiles here
-        t_roll, _ = median_times(fns, args.repeats, warmups={k: lambda: None for k in fns})
-        parts = []
-        for _ in range(args.repeats):
-            with Peak() as fused:
-                out = train.train_step(0, rows, student, teacher, optimizer, run)
-            parts.append(dict(out["times"], peak_above_mb=fused.above / 2 ** 20))
-        batch, _ = train.make_batch(0, rows, student, teacher, run)
-        with Peak() as unfused, amp():
-            unfused_distill_step(student, teacher, batch, optimizer, targs)
-        med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-        step_s = sum(med[k] for k in out["times"])
-        res[f"new_tokens_{N}"] = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()},
-                                      step_s=step_s, parts_s={k: med[k] for k in out["times"]},
-                                      step_gflop=out["flops"] / 1e9, step_mfu=out["flops"] / step_s / (peak * 1e9),
-                                      peak_above_mb_fused=med["peak_above_mb"],
-                                      peak_above_mb_unfused=unfused.above / 2 ** 20)
-        if args.compile:
-            res[f"new_tokens_{N}"]["compile_s"] = t_first["compiled"] - t_roll["compiled"]["s"]
+
+def checkpoint_step(w, N):
+    """At N new tokens per row: the rollout's tokens/s (eager, and compiled with --compile), train_step's
+    parts, FLOPs and MFU, and its peak memory above its start, fused and unfused."""
+    args, B, student, teacher = w.args, w.args.batch_size, w.student, w.teacher
+    targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B),
+                              "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", str(N),
+                              "--lr", "1e-6", "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull] +
+                             ["--compile"] * args.compile)
+    run = train.Run(targs, None, None, False, None, 0, 1, w.device, 0, -1,
+                    head_weight(teacher, torch.bfloat16 if w.bf16 else None))
+    rows = [Row(p, None, True, None) for p in w.prompts]
+    with step_as_benched(w):
+        train.train_step(0, rows, student, teacher, w.optimizer, run)  # warm-up; AdamW allocates its state
+    ids, valid = left_pad(w.prompts, 0, w.device)
+
+    def rollout_fn(compile):
+        return timed(lambda: generate(student, ids, valid, N, -1, 0, temperature=1.0, compile=compile,
+                                      generator=torch.Generator(w.device).manual_seed(0)), w)
+    fns = {"eager": rollout_fn(False)} | ({"compiled": rollout_fn(True)} if args.compile else {})
+    t_first = {k: fn()[0]["s"] for k, fn in fns.items()}  # warm-up: the compiled step compiles here
+    t_roll, _ = median_times(fns, args.repeats, warmups={k: lambda: None for k in fns})
+    Peak, parts = PeakCUDA if w.cuda else PeakRSS, []
+    for _ in range(args.repeats):
+        with Peak() as fused, step_as_benched(w):
+            out = train.train_step(0, rows, student, teacher, w.optimizer, run)
+        parts.append(dict(out["times"], peak_above_mb=fused.above / 2 ** 20))
+    with w.amp():
+        batch, _ = make_batch(0, rows, student, teacher, run)
+    with Peak() as unfused, w.amp():
+        unfused_distill_step(student, teacher, batch, w.optimizer, targs)
+    med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+    step_s = sum(med[k] for k in out["times"])
+    res = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()}, step_s=step_s,
+               parts_s={k: med[k] for k in out["times"]}, step_gflop=out["flops"] / 1e9,
+               step_mfu=out["flops"] / step_s / (w.peak * 1e9), peak_above_mb_fused=med["peak_above_mb"],
+               peak_above_mb_unfused=unfused.above / 2 ** 20)
+    if args.compile:
+        res["compile_s"] = t_first["compiled"] - t_roll["compiled"]["s"]
+    return res
+
+
+def print_checkpoints(args, res, load, w):
+    B, P, V, grad_mb = args.batch_size, args.prompt_len, res["vocab"], res["grad_mb"]
     print(f"{args.teacher} -> {args.student}" + (f" (layers {args.student_keep_layers})" if args.student_keep_layers
                                                  else "") + f"; batch {B} x ({P} prompt + N new) random tokens, "
-          f"loss {args.loss}, {device}, {torch.get_num_threads()} threads, load average at start {load:.1f}")
+          f"loss {args.loss}, {w.device}, {torch.get_num_threads()} threads, load average at start {load:.1f}")
     print(f"student {res['student_params'] / 1e6:.1f}M, teacher {res['teacher_params'] / 1e6:.1f}M params, vocab {V}; "
           f"the student's gradients take {grad_mb:.0f} MiB")
-    print(f"matmul peak ({args.matmul_size or (8192 if cuda else 2048)}^3 {args.dtype}): {peak:.1f} GFLOP/s")
+    print(f"matmul peak ({w.matmul_n}^3 {args.dtype}): {w.peak:.1f} GFLOP/s")
     print(f"{'N new':>6}{'rollout tok/s':>15}" + (f"{'compiled':>10}" if args.compile else "") +
           f"{'step s':>8}{'rollout':>9}{'teacher':>9}{'student':>9}{'optim':>7}{'GFLOP':>8}{'MFU':>7}"
           f"{'peak above start, fused':>25}{'unfused':>9}")
@@ -389,12 +481,256 @@ def bench_checkpoints(args, load):
     if args.compile:
         print("compiling the decode step took " + ", ".join(f"{res[f'new_tokens_{N}']['compile_s']:.1f} s (N {N})"
                                                             for N in (args.new_tokens, 2 * args.new_tokens)))
-    print("(peak above start: " + ("CUDA max allocated" if cuda else "the process's RSS, sampled,") + " during the "
+    print("(peak above start: " + ("CUDA max allocated" if w.cuda else "the process's RSS, sampled,") + " during the "
           "step over its value before; the step makes the gradients, so subtract those for the activations and "
           "loss alone)")
-    print(json.dumps(rounded(res)))
-    if own_group:
-        dist.destroy_process_group()
+
+# ------------------------------------------------------------------------------ the reference workload
+
+def reference_workload(args):
+    """machine(args) with the reference workload's models, optimizer and rows (the module docstring)."""
+    w = machine(args)
+    w.tok = load_tokenizer(TOKENIZER_PATH)
+    w.V, w.B, w.P, w.N, w.S = w.tok.get_vocab_size(), args.batch_size, args.prompt_len, args.new_tokens, \
+        args.samples_per_prompt
+    w.pad, w.no_eos = 0, -1  # eos -1 never occurs: every row generates exactly N tokens
+    w.scfg, w.tcfg = (model_cfg(args, who, w.V, w.P + w.N + 1) for who in ("student", "teacher"))
+    torch.manual_seed(args.seed)
+    w.student, w.teacher = GPT(w.scfg).to(w.device), GPT(w.tcfg).to(w.device).eval()
+    w.teacher.requires_grad_(False)
+    w.optimizer = torch.optim.AdamW(w.student.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                    fused=w.cuda)
+    g = torch.Generator().manual_seed(args.seed)
+    # B rows: B / S distinct prompts, each S times in a row (as train.py)
+    w.prompts = [p for p in ([1] + torch.randint(4, w.V, (w.P - 1,), generator=g).tolist()
+                             for _ in range(w.B // w.S)) for _ in range(w.S)]
+    w.given = [torch.randint(4, w.V, (w.N,), generator=g).tolist() for _ in range(w.B)]  # lambda = 0 completions
+    w.ids, w.valid = left_pad(w.prompts, w.pad, w.device)
+    measure_peak(w)
+    return w
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_rollout(w):
+    """Section 1: the student's greedy rollout with the KV cache vs full recompute (and the compiled step),
+    outputs compared. Returns (the JSON's rollout, the FLOPs of its table: cache, full, prefill, step)."""
+    args, B, P, N, S, student, ids, valid = w.args, w.B, w.P, w.N, w.S, w.student, w.ids, w.valid
+    reset_peak(w.device)
+    decode = lambda compile=False: generate(student, ids, valid, N, w.no_eos, w.pad, temperature=0.0,  # noqa: E731
+                                            compile=compile).tokens
+    prefill_ = lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N,  # noqa: E731  as generate
+                               distinct_rows(ids, valid))
+    fns = dict(cache=timed(decode, w), prefill=timed(prefill_, w),
+               full=timed(lambda: generate_no_cache(student, ids, valid, N), w))
+    warmups = dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2), w))  # the costliest: warm briefly
+    if args.compile:  # the first call compiles: timed on its own, then side by side with the others
+        t_compile = timed(lambda: decode(True), w)()[0]["s"]
+        fns["compiled"], warmups["compiled"] = timed(lambda: decode(True), w), lambda: None
+    times, out = median_times(fns, args.repeats, warmups)
+    w.mem["rollout"] = peak_mem_mb(w.device)
+    t_cache, t_prefill, t_full = (times[k]["s"] for k in ("cache", "prefill", "full"))
+    same = torch.equal(out["cache"], out["full"])  # the speed-up is not bought with a different result
+    agree = (out["cache"][:, P:] == out["full"][:, P:]).float().mean().item()
+    t_step = (t_cache - t_prefill) / (N - 1)
+    fl = dict(cache=flops_generate(w.scfg, B, P, N, B // S), full=flops_no_cache(w.scfg, B, P, N),
+              prefill=flops_forward(w.scfg, B // S, P, n_out=1))
+    fl["step"] = (fl["cache"] - fl["prefill"]) / (N - 1)  # the mean one-token step
+    peak = w.peak * 1e9
+    roll = dict(kv_cache_tok_s=B * N / t_cache, no_cache_tok_s=B * N / t_full, speedup=t_full / t_cache,
+                same_tokens=same, token_agreement=agree, kv_cache_s=t_cache, no_cache_s=t_full,
+                prefill_s=t_prefill, decode_step_s=t_step, decode_step_floor_s=fl["step"] / peak,
+                kv_cache_gflop=fl["cache"] / 1e9, no_cache_gflop=fl["full"] / 1e9,
+                kv_cache_mfu=fl["cache"] / t_cache / peak, no_cache_mfu=fl["full"] / t_full / peak)
+    try:  # the eager decode step's matmul and attention kernels alone: what a compiled step can approach
+        with torch.no_grad(), w.amp():
+            k_roll, k_pre = (kernel_floor(fn, args.repeats, w.sync)[0] for fn in (decode, prefill_))
+        roll["decode_step_kernel_s"] = (k_roll - k_pre) / (N - 1)
+    except RuntimeError:
+        roll["decode_step_kernel_s"] = None
+    if args.compile:
+        t_comp = times["compiled"]["s"]
+        roll |= dict(compiled_tok_s=B * N / t_comp, compiled_s=t_comp, compile_s=t_compile - t_comp,
+                     compiled_speedup=t_cache / t_comp, compiled_same_tokens=torch.equal(out["compiled"], out["cache"]),
+                     compiled_decode_step_s=(t_comp - t_prefill) / (N - 1))
+    return roll, fl
+
+
+def distill_setup(w):
+    """train.py's Run for bench's distill steps (its flags from bench's) and their rows by lambda: 1, the
+    student samples; 0, given completions (random ids)."""
+    args = w.args
+    targs = train.parse_args(["--stage", "distill", "--loss", args.loss, "--beta", str(args.beta), "--batch-size",
+                              str(w.B), "--max-new-tokens", str(w.N), "--lr", "1e-4", "--warmup", "0",
+                              "--seed", str(args.seed), "--out", os.devnull] + ["--compile"] * args.compile)
+    fmt = CharFormat(w.tok)
+    run = train.Run(targs, fmt, fmt, False, None, 0, 1, w.device, w.pad, w.no_eos,
+                    head_weight(w.teacher, torch.bfloat16 if w.bf16 else None))
+    rows = {1: [Row(p, None, True, None) for p in w.prompts],
+            0: [Row(p, c, False, None) for p, c in zip(w.prompts, w.given)]}
+    return run, rows
+
+
+def distill_step(w, run, rows, share=True):
+    """One call of train_step; its parts' seconds, and the step's (the whole call, its metrics included)."""
+    with step_as_benched(w, share):
+        w.sync()
+        t0 = time.perf_counter()
+        times = train.train_step(0, rows, w.student, w.teacher, w.optimizer, run)["times"]
+        w.sync()
+        return dict(times, step=time.perf_counter() - t0), None
+
+
+def bench_steps(w, run, rows):
+    """Section 2: the distill steps at lambda = 1 and 0 (and with --samples-per-prompt > 1 the lambda = 1
+    step without shared prefills), in turn. Returns (variant name -> (lambda, prompts shared), the JSON's
+    step_<variant> entries)."""
+    variants = {"l1": (1, True), "l0": (0, True)}
+    if w.S > 1:  # the same lambda = 1 step with every row prefilled on its own, side by side
+        variants["l1_unshared"] = (1, False)
+    reset_peak(w.device)
+    times, _ = median_times({k: (lambda lm=lm, sh=sh: distill_step(w, run, rows[lm], sh))
+                             for k, (lm, sh) in variants.items()}, w.args.repeats)
+    w.mem["distill"] = peak_mem_mb(w.device)
+    steps = {}
+    for name, (lmbda, share) in variants.items():
+        # K: the rows the prompts are prefilled for
+        fl = step_flops(w.scfg, w.tcfg, w.B, w.P, w.N, w.B // w.S if share else w.B, lmbda)
+        steps[f"step_{name}"] = {k: dict(s=s, gflop=fl[k] / 1e9, mfu=fl[k] / s / (w.peak * 1e9))
+                                 for k, s in times[name].items()}
+    return variants, steps
+
+
+def step_parts(w, run, rows):
+    """Each part of a step on `rows` as a function that runs it again on one step's tensors (for
+    kernel_floor), made of the functions train_step calls, its forwards under autocast as in
+    step_as_benched. Eager: the kernel recorder sees no compiled code."""
+    run = replace(run, args=argparse.Namespace(**vars(run.args) | {"compile": False}))
+    student, teacher, objective = w.student, w.teacher, OBJECTIVES[run.args.stage]
+    with w.amp():
+        batch, _ = make_batch(0, rows, student, teacher, run)
+        groups = shared_prompts(batch)
+        t_h, _ = teacher_scores(teacher, batch, rows, groups, run)
+    n_tok = batch.mask.sum().item()
+
+    def student_part():
+        with w.amp():
+            loss, _ = forward_from(student, batch.tokens, batch.pos, batch.valid, batch.prompt_len, groups=groups,
+                                   cache_cls=GradKV, head=lambda h, wt: objective(h, wt, batch, n_tok, run, t_h))
+        loss.backward()
+    return dict(rollout=under(w.amp, lambda: make_batch(0, rows, student, teacher, run)),
+                teacher=under(w.amp, lambda: teacher_scores(teacher, batch, rows, groups, run)),
+                student=student_part)
+
+
+def what_bounds(w, parts, step):
+    """Section 3: each part of the lambda = 1 step (`step`: its step_l1 entry), its matmul and attention
+    kernels alone, replayed. Returns (the JSON's kernel_floor_l1, None) or (None, why the replay failed)."""
+    floor, peak = {}, w.peak * 1e9
+    try:  # the replay feeds random tensors to backend kernels; one that wants real contents must not sink the run
+        for k, fn in parts.items():
+            s_floor, n_calls = kernel_floor(fn, w.args.repeats, w.sync)
+            floor[k] = dict(s=s_floor, kernels=n_calls, mfu=step[k]["gflop"] * 1e9 / s_floor / peak)
+    except RuntimeError as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    opt = step["optimizer"]["s"]  # no matmuls: its floor is its own time
+    floor["step"] = dict(s=sum(v["s"] for v in floor.values()) + opt, kernels=sum(v["kernels"] for v in floor.values()))
+    floor["step"]["mfu"] = step["step"]["gflop"] * 1e9 / floor["step"]["s"] / peak
+    return floor, None
+
+# ----------------------------------------------------------------------------------------------- report
+
+def print_rollout(w, roll, fl):
+    args, B, N, peak = w.args, w.B, w.N, w.peak * 1e9
+    print(f"{'rollout (student, greedy)':<30}{'ms':>9}{'tok/s':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU':>7}")
+    t_step = roll["decode_step_s"]
+    for name, s, f, n_tok in (("KV cache (rollout.generate)", roll["kv_cache_s"], fl["cache"], B * N),
+                              ("full recompute", roll["no_cache_s"], fl["full"], B * N),
+                              ("  prefill (1 forward)", roll["prefill_s"], fl["prefill"], 0),
+                              ("  per decode step (mean)", t_step, fl["step"], 0)):
+        tok_s = f"{n_tok / s:>9.0f}" if n_tok else f"{'-':>9}"
+        print(f"{name:<30}{s * 1e3:>9.2f}{tok_s}{f / 1e9:>8.3f}{f / s / 1e9:>9.1f}{f / s / peak:>7.1%}")
+    print(f"KV cache speed-up x{roll['speedup']:.2f}; same greedy tokens: {roll['same_tokens']} "
+          f"({roll['token_agreement']:.1%} agree); decode step {t_step * 1e3:.2f} ms vs FLOP floor "
+          f"{roll['decode_step_floor_s'] * 1e3:.3f} ms (x{t_step / roll['decode_step_floor_s']:.0f})")
+    k_step = roll["decode_step_kernel_s"]
+    if k_step:
+        print(f"the eager decode step's matmul and attention kernels alone: {k_step * 1e3:.3f} ms")
+    if args.compile:
+        t_c, c_step, f_cache, f_step = roll["compiled_s"], roll["compiled_decode_step_s"], fl["cache"], fl["step"]
+        print(f"{'KV cache, compiled step':<30}{t_c * 1e3:>9.2f}{B * N / t_c:>9.0f}{f_cache / 1e9:>8.3f}"
+              f"{f_cache / t_c / 1e9:>9.1f}{f_cache / t_c / peak:>7.1%}")
+        print(f"{'  per decode step (mean)':<30}{c_step * 1e3:>9.2f}{'-':>9}{f_step / 1e9:>8.3f}{f_step / c_step / 1e9:>9.1f}"
+              f"{f_step / c_step / peak:>7.1%}")
+        print(f"compiled (--compile) x{roll['compiled_speedup']:.2f} the eager KV cache's tok/s; same greedy tokens: "
+              f"{roll['compiled_same_tokens']}; compiling took {roll['compile_s']:.1f} s" +
+              (f"; decode step {c_step * 1e3:.3f} ms vs the eager step's kernels {k_step * 1e3:.3f} ms "
+               f"(x{c_step / k_step:.2f})" if k_step else ""))
+    print()
+
+
+STEP_LABELS = dict(rollout="rollout + pack", teacher="teacher score", student="student fwd+bwd",
+                   optimizer="clip + AdamW", step="step (total)")
+
+
+def print_steps(w, variants, steps):
+    heads = dict(l1="lambda=1", l0="lambda=0", l1_unshared="l=1 unshared")
+    print(f"{'distill step':<20}" + "".join(f"{heads[n] + ': ms':>17}{'%':>5}{'GFLOP':>8}{'MFU':>7}" for n in variants))
+    for k, label in STEP_LABELS.items():
+        row = f"{label:<20}"
+        for n in variants:
+            r, tot = steps[f"step_{n}"][k], steps[f"step_{n}"]["step"]["s"]
+            row += f"{r['s'] * 1e3:>17.1f}{r['s'] / tot:>5.0%}{r['gflop']:>8.2f}"
+            row += f"{r['mfu']:>7.1%}" if r["gflop"] else f"{'-':>7}"
+        print(row)
+    print("(parts are medians of their own; their sum need not equal the median step)")
+    if w.S > 1:
+        print(f"{w.S} samples per prompt: sharing each prompt's prefill (rollout and teacher) takes the lambda=1 step "
+              f"from {steps['step_l1_unshared']['step']['s'] * 1e3:.1f} to {steps['step_l1']['step']['s'] * 1e3:.1f} ms")
+
+
+def print_bounds(step, floor, floor_error):
+    if floor is None:
+        print(f"\nwhat bounds lambda=1: the kernel replay failed ({floor_error}); the timings above stand")
+        return
+    print(f"\n{'what bounds lambda=1':<20}{'ms':>9}{'mm+attn ms':>12}{'kernels':>9}{'MFU':>7}{'MFU bound':>11}")
+    for k, label in STEP_LABELS.items():
+        if k in floor:
+            r, fl_ = step[k], floor[k]
+            print(f"{label:<20}{r['s'] * 1e3:>9.1f}{fl_['s'] * 1e3:>12.1f}{fl_['kernels']:>9}{r['mfu']:>7.1%}"
+                  f"{fl_['mfu']:>11.1%}")
+    print("(mm+attn: the part's matmul and attention kernels alone, replayed on random tensors of the same "
+          "shapes;\n MFU bound: the part's MFU if everything else it does took no time; the step's bound "
+          "counts clip + AdamW)")
+
+
+def report(w, load, roll, fl, variants, steps, floor, floor_error):
+    args, device = w.args, w.device
+    print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {args.dtype}; vocab {w.V}; batch {w.B} x "
+          f"({w.P} prompt + {w.N} new) tokens; loss {args.loss}; load average at start {load:.1f}")
+    if device.type == "cpu" and load > 0.5 * (os.cpu_count() or 1):
+        print(f"  the CPU is busy ({os.cpu_count()} cores): OpenMP threads spinning against another process make small "
+              "ops (decode, AdamW) far slower;\n  compare with --threads 1 or OMP_WAIT_POLICY=PASSIVE python bench.py")
+    for name, c in (("student", w.scfg), ("teacher", w.tcfg)):
+        print(f"{name}: {c.n_layer} layers, width {c.d_model}, {c.n_head} heads, MLP {c.d_mlp}; "
+              f"{matmul_params(c) / 1e6:.2f}M matmul params")
+    print(f"matmul peak ({w.matmul_n}^3 {args.dtype}): {w.peak:.1f} GFLOP/s\n")
+    print_rollout(w, roll, fl)
+    print_steps(w, variants, steps)
+    print_bounds(steps["step_l1"], floor, floor_error)
+    what = "max allocated" if w.cuda else "process max RSS (cumulative)"
+    print(f"peak memory, {what}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in w.mem.items()))
+    print(json.dumps(rounded(dict(
+        device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), vocab=w.V, batch=w.B,
+        prompt_len=w.P, new_tokens=w.N, loss=args.loss, repeats=args.repeats, student=asdict(w.scfg),
+        teacher=asdict(w.tcfg), student_matmul_params=matmul_params(w.scfg), teacher_matmul_params=matmul_params(w.tcfg),
+        samples_per_prompt=w.S, matmul_peak_gflops=w.peak, rollout=roll, **steps, kernel_floor_l1=floor,
+        peak_mem_mb=w.mem))))
 
 # ----------------------------------------------------------------------------------------------- main
 
@@ -405,224 +741,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.teacher:
         return bench_checkpoints(args, load)
-    device = torch.device(args.device)
-    bf16 = args.dtype == "bf16"
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
-    tok = load_tokenizer(TOKENIZER_PATH)
-    V, B, P, N = tok.get_vocab_size(), args.batch_size, args.prompt_len, args.new_tokens
-    pad, no_eos = 0, -1  # eos -1 never occurs: every row generates exactly N tokens
-    scfg, tcfg = (model_cfg(args, who, V, P + N + 1) for who in ("student", "teacher"))
-    torch.manual_seed(args.seed)
-    student, teacher = GPT(scfg).to(device), GPT(tcfg).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(args.seed)
-    S = args.samples_per_prompt  # B rows: B / S distinct prompts, each S times in a row (as train.py)
-    prompts = [p for p in ([1] + torch.randint(4, V, (P - 1,), generator=g).tolist() for _ in range(B // S))
-               for _ in range(S)]
-    given = [torch.randint(4, V, (N,), generator=g).tolist() for _ in range(B)]  # lambda = 0 completions
-    ids, valid = left_pad(prompts, pad, device)
-    peak = matmul_peak(args.matmul_size or (8192 if device.type == "cuda" else 2048), device,
-                       torch.bfloat16 if bf16 else torch.float32, args.repeats, sync)
-    mem = {}
-
-    def reset_mem():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def timed(fn):  # -> a function returning ({"s": seconds}, fn's output), for median_times
-        def run():
-            sync()
-            t0 = time.perf_counter()
-            with torch.no_grad(), amp():
-                out = fn()
-            sync()
-            return {"s": time.perf_counter() - t0}, out
-        return run
-
-    # -- 1. rollout: KV cache vs full recompute (and the compiled step), the student, greedy; outputs compared
-    reset_mem()
-    decode = lambda compile=False: generate(student, ids, valid, N, no_eos, pad, temperature=0.0,  # noqa: E731
-                                            compile=compile).tokens
-    fns = dict(cache=timed(decode),
-               prefill=timed(lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N,  # as generate
-                                             distinct_rows(ids, valid))),
-               full=timed(lambda: generate_no_cache(student, ids, valid, N)))
-    warmups = dict(full=timed(lambda: generate_no_cache(student, ids, valid, 2)))  # the costliest: warm briefly
-    if args.compile:  # the first call compiles: timed on its own, then side by side with the others
-        t_compile = timed(lambda: decode(True))()[0]["s"]
-        fns["compiled"], warmups["compiled"] = timed(lambda: decode(True)), lambda: None
-    times, out = median_times(fns, args.repeats, warmups)
-    mem["rollout"] = train.peak_mem_mb(device)
-    t_cache, t_prefill, t_full = (times[k]["s"] for k in ("cache", "prefill", "full"))
-    same = torch.equal(out["cache"], out["full"])  # the speed-up is not bought with a different result
-    agree = (out["cache"][:, P:] == out["full"][:, P:]).float().mean().item()
-    t_step = (t_cache - t_prefill) / (N - 1)
-    f_cache, f_full = flops_generate(scfg, B, P, N, B // S), flops_no_cache(scfg, B, P, N)
-    f_prefill = flops_forward(scfg, B // S, P, n_out=1)
-    f_step = (f_cache - f_prefill) / (N - 1)  # the mean one-token step
-    rollout = dict(kv_cache_tok_s=B * N / t_cache, no_cache_tok_s=B * N / t_full, speedup=t_full / t_cache,
-                   same_tokens=same, token_agreement=agree, kv_cache_s=t_cache, no_cache_s=t_full,
-                   prefill_s=t_prefill, decode_step_s=t_step, decode_step_floor_s=f_step / (peak * 1e9),
-                   kv_cache_gflop=f_cache / 1e9, no_cache_gflop=f_full / 1e9,
-                   kv_cache_mfu=f_cache / t_cache / (peak * 1e9), no_cache_mfu=f_full / t_full / (peak * 1e9))
-    try:  # the eager decode step's matmul and attention kernels alone: what a compiled step can approach
-        with torch.no_grad(), amp():
-            k_roll, k_pre = (kernel_floor(fn, args.repeats, sync)[0] for fn in (
-                decode, lambda: prefill(student, ids, positions_from_valid(valid), valid, P + N, distinct_rows(ids, valid))))
-        rollout["decode_step_kernel_s"] = (k_roll - k_pre) / (N - 1)
-    except RuntimeError:
-        rollout["decode_step_kernel_s"] = None
-    if args.compile:
-        t_comp = times["compiled"]["s"]
-        rollout |= dict(compiled_tok_s=B * N / t_comp, compiled_s=t_comp, compile_s=t_compile - t_comp,
-                        compiled_speedup=t_cache / t_comp, compiled_same_tokens=torch.equal(out["compiled"], out["cache"]),
-                        compiled_decode_step_s=(t_comp - t_prefill) / (N - 1))
-
-    # -- 2. distill steps, lambda = 1 (the student samples) and lambda = 0 (given completions), in turn: train.py's
-    #       own train_step, on the models unsharded in a process group of one
-    targs = train.parse_args(["--stage", "distill", "--loss", args.loss, "--beta", str(args.beta), "--batch-size",
-                              str(B), "--max-new-tokens", str(N), "--lr", "1e-4", "--warmup", "0",
-                              "--seed", str(args.seed), "--out", os.devnull] + ["--compile"] * args.compile)
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
-    rows = {1: [train.Row(p, None, True, None) for p in prompts], 0: [train.Row(p, c, False, None)
-                                                                     for p, c in zip(prompts, given)]}
-
-    fmt, t_head = CharFormat(tok), head_weight(teacher, torch.bfloat16 if bf16 else None)
-    runs = {share: train.Run(targs, fmt, fmt, False, None, 0, 1, device, pad, no_eos, autocast=bf16,
-                             share_prompts=share, t_head=t_head) for share in (True, False)}  # --compile: one replica each
-    run_for = runs.__getitem__
-
-    def distill_step(lmbda, share=True):
-        """One train_step; its parts' seconds, and the step's (the whole call, its metrics included)."""
-        sync()
-        t0 = time.perf_counter()
-        times = train.train_step(0, rows[lmbda], student, teacher, optimizer, run_for(share))["times"]
-        sync()
-        return dict(times, step=time.perf_counter() - t0), None
-
-    def step_parts(lmbda, share=True):
-        """Each part of a lambda step as a function that runs it again on one step's tensors (for kernel_floor),
-        built from the same functions train_step calls. Eager: the kernel recorder sees no compiled code."""
-        run = replace(run_for(share), args=argparse.Namespace(**vars(targs) | {"compile": False}))
-        batch, _ = train.make_batch(0, rows[lmbda], student, teacher, run)
-        n_tok = batch.mask.sum().item()
-        t_h, _ = train.teacher_scores(teacher, batch, rows[lmbda], 0, run)
-
-        def student_part():
-            train.student_forward(student, batch, batch.prompt_len, run.autocast, lambda h, w: train.distill_loss(
-                h, w, t_h, batch, n_tok, run), run.share_prompts)[0].backward()
-        return dict(rollout=lambda: train.make_batch(0, rows[lmbda], student, teacher, run),
-                    teacher=lambda: train.teacher_scores(teacher, batch, rows[lmbda], 0, run), student=student_part)
-
-    variants = {"l1": (1, True), "l0": (0, True)}  # name -> (lambda, prompts shared)
-    if S > 1:  # the same lambda = 1 step with every row prefilled on its own, side by side
-        variants["l1_unshared"] = (1, False)
-    reset_mem()
-    times, _ = median_times({k: (lambda lm=lm, sh=sh: distill_step(lm, sh)) for k, (lm, sh) in variants.items()},
-                            args.repeats)
-    mem["distill"] = train.peak_mem_mb(device)
-    steps = {}
-    for name, (lmbda, share) in variants.items():
-        fl = step_flops(scfg, tcfg, B, P, N, B // S if share else B, lmbda)  # K: rows the prompts are prefilled for
-        steps[f"step_{name}"] = {k: dict(s=s, gflop=fl[k] / 1e9, mfu=fl[k] / s / (peak * 1e9))
-                                 for k, s in times[name].items()}
-
-    # -- 3. what bounds the lambda = 1 step: its matmul and attention kernels alone, replayed
-    parts = step_parts(1)
-    floor, floor_error = {}, None
-    try:  # the replay feeds random tensors to backend kernels; one that wants real contents must not sink the run
-        for k, fn in parts.items():
-            s_floor, n_calls = kernel_floor(fn, args.repeats, sync)
-            f = steps["step_l1"][k]["gflop"] * 1e9
-            floor[k] = dict(s=s_floor, kernels=n_calls, mfu=f / s_floor / (peak * 1e9))
-        opt = steps["step_l1"]["optimizer"]["s"]  # no matmuls: its floor is its own time
-        floor["step"] = dict(s=sum(v["s"] for v in floor.values()) + opt,
-                             kernels=sum(v["kernels"] for v in floor.values()))
-        floor["step"]["mfu"] = steps["step_l1"]["step"]["gflop"] * 1e9 / floor["step"]["s"] / (peak * 1e9)
-    except RuntimeError as e:
-        floor, floor_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-
-    # -- report
-    print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
-          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {args.dtype}; vocab {V}; batch {B} x "
-          f"({P} prompt + {N} new) tokens; loss {args.loss}; load average at start {load:.1f}")
-    if device.type == "cpu" and load > 0.5 * (os.cpu_count() or 1):
-        print(f"  the CPU is busy ({os.cpu_count()} cores): OpenMP threads spinning against another process make small "
-              "ops (decode, AdamW) far slower;\n  compare with --threads 1 or OMP_WAIT_POLICY=PASSIVE python bench.py")
-    for name, c in (("student", scfg), ("teacher", tcfg)):
-        print(f"{name}: {c.n_layer} layers, width {c.d_model}, {c.n_head} heads, MLP {c.d_mlp}; "
-              f"{matmul_params(c) / 1e6:.2f}M matmul params")
-    print(f"matmul peak ({args.matmul_size or (8192 if device.type == 'cuda' else 2048)}^3 {args.dtype}): "
-          f"{peak:.1f} GFLOP/s\n")
-    print(f"{'rollout (student, greedy)':<30}{'ms':>9}{'tok/s':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU':>7}")
-    for name, s, f, n_tok in (("KV cache (rollout.generate)", t_cache, f_cache, B * N),
-                              ("full recompute", t_full, f_full, B * N),
-                              ("  prefill (1 forward)", t_prefill, f_prefill, 0),
-                              ("  per decode step (mean)", t_step, f_step, 0)):
-        tok_s = f"{n_tok / s:>9.0f}" if n_tok else f"{'-':>9}"
-        print(f"{name:<30}{s * 1e3:>9.2f}{tok_s}{f / 1e9:>8.3f}{f / s / 1e9:>9.1f}{f / s / (peak * 1e9):>7.1%}")
-    print(f"KV cache speed-up x{rollout['speedup']:.2f}; same greedy tokens: {same} ({agree:.1%} agree); "
-          f"decode step {t_step * 1e3:.2f} ms vs FLOP floor {rollout['decode_step_floor_s'] * 1e3:.3f} ms "
-          f"(x{t_step / rollout['decode_step_floor_s']:.0f})")
-    k_step = rollout["decode_step_kernel_s"]
-    if k_step:
-        print(f"the eager decode step's matmul and attention kernels alone: {k_step * 1e3:.3f} ms")
-    if args.compile:
-        t_c, c_step = rollout["compiled_s"], rollout["compiled_decode_step_s"]
-        print(f"{'KV cache, compiled step':<30}{t_c * 1e3:>9.2f}{B * N / t_c:>9.0f}{f_cache / 1e9:>8.3f}"
-              f"{f_cache / t_c / 1e9:>9.1f}{f_cache / t_c / (peak * 1e9):>7.1%}")
-        print(f"{'  per decode step (mean)':<30}{c_step * 1e3:>9.2f}{'-':>9}{f_step / 1e9:>8.3f}{f_step / c_step / 1e9:>9.1f}"
-              f"{f_step / c_step / (peak * 1e9):>7.1%}")
-        print(f"compiled (--compile) x{rollout['compiled_speedup']:.2f} the eager KV cache's tok/s; same greedy tokens: "
-              f"{rollout['compiled_same_tokens']}; compiling took {rollout['compile_s']:.1f} s" +
-              (f"; decode step {c_step * 1e3:.3f} ms vs the eager step's kernels {k_step * 1e3:.3f} ms "
-               f"(x{c_step / k_step:.2f})" if k_step else ""))
-    print()
-    heads = dict(l1="lambda=1", l0="lambda=0", l1_unshared="l=1 unshared")
-    print(f"{'distill step':<20}" + "".join(f"{heads[n] + ': ms':>17}{'%':>5}{'GFLOP':>8}{'MFU':>7}" for n in variants))
-    labels = dict(rollout="rollout + pack", teacher="teacher score", student="student fwd+bwd",
-                  optimizer="clip + AdamW", step="step (total)")
-    for k, label in labels.items():
-        row = f"{label:<20}"
-        for n in variants:
-            r, tot = steps[f"step_{n}"][k], steps[f"step_{n}"]["step"]["s"]
-            row += f"{r['s'] * 1e3:>17.1f}{r['s'] / tot:>5.0%}{r['gflop']:>8.2f}"
-            row += f"{r['mfu']:>7.1%}" if r["gflop"] else f"{'-':>7}"
-        print(row)
-    print("(parts are medians of their own; their sum need not equal the median step)")
-    if S > 1:
-        print(f"{S} samples per prompt: sharing each prompt's prefill (rollout and teacher) takes the lambda=1 step "
-              f"from {steps['step_l1_unshared']['step']['s'] * 1e3:.1f} to {steps['step_l1']['step']['s'] * 1e3:.1f} ms")
-    if floor is None:
-        print(f"\nwhat bounds lambda=1: the kernel replay failed ({floor_error}); the timings above stand")
-    else:
-        print(f"\n{'what bounds lambda=1':<20}{'ms':>9}{'mm+attn ms':>12}{'kernels':>9}{'MFU':>7}{'MFU bound':>11}")
-        for k, label in labels.items():
-            if k in floor:
-                r, fl_ = steps["step_l1"][k], floor[k]
-                print(f"{label:<20}{r['s'] * 1e3:>9.1f}{fl_['s'] * 1e3:>12.1f}{fl_['kernels']:>9}{r['mfu']:>7.1%}"
-                      f"{fl_['mfu']:>11.1%}")
-        print("(mm+attn: the part's matmul and attention kernels alone, replayed on random tensors of the same "
-              "shapes;\n MFU bound: the part's MFU if everything else it does took no time; the step's bound "
-              "counts clip + AdamW)")
-    what = "max allocated" if device.type == "cuda" else "process max RSS (cumulative)"
-    print(f"peak memory, {what}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
-    print(json.dumps(rounded(dict(
-        device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load,
-        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), vocab=V, batch=B,
-        prompt_len=P, new_tokens=N, loss=args.loss, repeats=args.repeats, student=asdict(scfg), teacher=asdict(tcfg),
-        student_matmul_params=matmul_params(scfg), teacher_matmul_params=matmul_params(tcfg),
-        samples_per_prompt=S, matmul_peak_gflops=peak, rollout=rollout, **steps, kernel_floor_l1=floor,
-        peak_mem_mb=mem))))
-    if own_group:
-        dist.destroy_process_group()
+    w = reference_workload(args)
+    roll, fl = bench_rollout(w)
+    with group_of_one(w.device):
+        run, rows = distill_setup(w)
+        variants, steps = bench_steps(w, run, rows)
+        floor, floor_error = what_bounds(w, step_parts(w, run, rows[1]), steps["step_l1"])
+    report(w, load, roll, fl, variants, steps, floor, floor_error)
 
 
 if __name__ == "__main__":

@@ -170,21 +170,24 @@ def test_bench_samples_per_prompt_shares_prefills():
 
 @torch.no_grad()
 def test_shared_prompt_teacher_flops_match_counted(monkeypatch):
-    """teacher.score with K distinct prompts of B rows: one prefill of K rows (last column's logits only),
-    then the completions of all B rows over their cached prompt: the count bench.py uses."""
-    from rollout import pack
+    """teacher.score with K distinct prompts of B rows, as train_step scores (hidden states; the loss makes
+    the logits): one prefill of K rows (the last column only), then the completions of all B rows over their
+    cached prompt: the count bench.py uses."""
+    from rollout import pack, shared_prompts
     from teacher import score
     model = tiny_model(**WIDE).eval()
     B, K, P, N = 6, 2, 5, 4
     distinct = [[1] + torch.randint(4, 23, (P - 1,)).tolist() for _ in range(K)]
     b = pack([p for p in distinct for _ in range(B // K)], [torch.randint(4, 23, (N,)).tolist() for _ in range(B)], 0)
     c = Counter(model, monkeypatch)
-    score(model, b, start=P)
-    assert c.total == flops_forward(model.cfg, K, P, n_out=1) + flops_forward(model.cfg, B, N, k_start=P)
-    assert c.total == flops_score(model.cfg, B, P, P + N, prefill_rows=K)
+    score(model, b, start=P, groups=shared_prompts(b), hidden_states=True)
+    assert c.total == (flops_forward(model.cfg, K, P, n_out=1, head=False)
+                       + flops_forward(model.cfg, B, N, k_start=P, head=False))
+    assert c.total == flops_score(model.cfg, B, P, P + N, prefill_rows=K, head=False)
     c.linear = c.attention = 0
-    score(model, b, start=P, share_prompts=False)
-    assert c.total == flops_score(model.cfg, B, P, P + N) > flops_score(model.cfg, B, P, P + N, prefill_rows=K)
+    score(model, b, start=P, hidden_states=True)  # no groups: every row runs its prompt
+    assert c.total == flops_score(model.cfg, B, P, P + N, head=False) > flops_score(model.cfg, B, P, P + N,
+                                                                                    prefill_rows=K, head=False)
 
 
 def test_a_failing_kernel_replay_leaves_the_timings(monkeypatch, capsys):

@@ -12,9 +12,26 @@ import bench
 import train
 from conftest import make_ckpt, run, tiny_model
 from data.countdown import CharFormat, load_split, load_tokenizer
-from losses import reward_advantage
+from losses import distill_objective, reward_advantage, rl_objective
+from model import GradKV, distinct_rows, forward_from
 from rollout import Batch, generate, left_pad
 from teacher import head_weight, hidden
+
+
+def make_run(argv, teacher=None):
+    """A train.Run of one CPU process for these flags (pad 0, eos 2)."""
+    args = train.parse_args([*argv, "--out", os.devnull])
+    return train.Run(args, None, None, False, None, 0, 1, torch.device("cpu"), 0, 2,
+                     head_weight(teacher) if teacher is not None else None)
+
+
+RL_RUN = make_run(["--stage", "rl", "--samples-per-prompt", "4"])
+
+
+def student_loss(model, batch, objective, groups=None):
+    """train_step's student forward: objective(h, W) as the head, prompts shared when groups are given."""
+    return forward_from(model, batch.tokens, batch.pos, batch.valid, batch.prompt_len, head=objective,
+                        groups=groups, cache_cls=GradKV)
 
 
 def by_hand_advantage(rewards, k, norm):
@@ -47,7 +64,7 @@ def test_rl_gradient_is_reinforce_by_hand(norm):
     adv = reward_advantage(torch.tensor(rewards), k, norm)
     assert adv.tolist() == pytest.approx(by_hand_advantage(rewards, k, norm), abs=1e-6)
     n_tok = int(lengths.sum())
-    train.rl_loss(h, w, batch, adv, n_tok).backward()
+    rl_objective(h, w, batch, n_tok, RL_RUN, reward_adv=adv)[0].backward()
 
     x = tokens[:, P:]
     a = torch.tensor(by_hand_advantage(rewards, k, norm), dtype=torch.float64)
@@ -70,8 +87,8 @@ def sampled_batch(model, k=4, n_prompts=2, n_new=6):
 
 
 def rl_backward(model, batch, adv):
-    loss = train.student_forward(model, batch, batch.prompt_len, False,
-                                 lambda h, w: train.rl_loss(h, w, batch, adv, batch.mask.sum()))
+    loss, _ = student_loss(model, batch, lambda h, w: rl_objective(h, w, batch, batch.mask.sum(), RL_RUN,
+                                                                   reward_adv=adv))
     loss.backward()
     return loss
 
@@ -101,13 +118,9 @@ def test_hybrid_at_reward_weight_zero_is_the_sampled_loss_exactly():
     reward_adv = reward_advantage(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), 4, "std")
 
     def loss_and_grads(weight, adv):
-        args = train.parse_args(["--loss", "sampled", "--reward-weight", str(weight), "--samples-per-prompt", "4",
-                                 "--out", os.devnull])
-        run = train.Run(args, None, None, False, None, 0, 1, torch.device("cpu"), 0, 2, False,
-                        t_head=head_weight(teacher))
+        run = make_run(["--loss", "sampled", "--reward-weight", str(weight), "--samples-per-prompt", "4"], teacher)
         student.zero_grad()
-        loss, _ = train.student_forward(student, batch, batch.prompt_len, False,
-                                        lambda h, w: train.distill_loss(h, w, t_h, batch, n_tok, run, adv))
+        loss, _ = student_loss(student, batch, lambda h, w: distill_objective(h, w, batch, n_tok, run, t_h, adv))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in student.parameters()]
 
@@ -122,13 +135,16 @@ def test_hybrid_at_reward_weight_zero_is_the_sampled_loss_exactly():
 
 def test_logged_step_flops_equal_bench_count(monkeypatch):
     """train_step's FLOPs, counted from the batch it built (prompt length, decode steps, distinct prompts),
-    equal bench.py's count from its nominal shapes, for every step bench.py times."""
+    equal bench.py's count from its nominal shapes, for every step bench.py times (l1_unshared: bench makes
+    every row its own prompt for the step, through rollout.distinct_rows)."""
+    import rollout
     seen = []
     real = train.train_step
 
     def spy(step, rows, model, teacher, optimizer, run):
+        share = rollout.distinct_rows is distinct_rows  # which variant bench is running
         out = real(step, rows, model, teacher, optimizer, run)
-        seen.append((model.cfg, teacher.cfg, run.share_prompts, out["on_policy_frac"], out["flops"]))
+        seen.append((model.cfg, teacher.cfg, share, out["on_policy_frac"], out["flops"]))
         return out
     monkeypatch.setattr(train, "train_step", spy)
     B, P, N, S = 4, 5, 3, 2
@@ -186,16 +202,17 @@ def test_shared_prompt_student_forward_equals_every_row_on_its_own(loss, monkeyp
                          generator=torch.Generator().manual_seed(3))
         t_h = teacher(batch.tokens, batch.pos, batch.valid, out_from=batch.prompt_len - 1, head=hidden)[:, :-1]
     assert len(set(batch.mask.sum(1).tolist())) > 1  # the rows end at different steps
-    args = train.parse_args(["--loss", loss, "--samples-per-prompt", "3", "--out", os.devnull])
-    run = train.Run(args, None, None, False, None, 0, 1, torch.device("cpu"), 0, 2, False, t_head=head_weight(teacher))
+    import model
+    run = make_run(["--loss", loss, "--samples-per-prompt", "3"], teacher)
     prefills = []
-    monkeypatch.setattr(train, "prefill", lambda *a, **k: prefills.append(len(a[5][0])) or prefill(*a, **k))
+    monkeypatch.setattr(model, "prefill", lambda *a, **k: prefills.append(len(a[5][0])) or prefill(*a, **k))
     n_tok = batch.mask.sum()
     out = {}
     for share in (False, True):
         student.zero_grad()
-        loss_val, rkl = train.student_forward(student, batch, batch.prompt_len, False, lambda h, w: train.distill_loss(
-            h, w, t_h, batch, n_tok, run), share_prompts=share)
+        groups = distinct_rows(batch.tokens[:, :batch.prompt_len], batch.valid[:, :batch.prompt_len]) if share else None
+        loss_val, rkl = student_loss(student, batch, lambda h, w: distill_objective(h, w, batch, n_tok, run, t_h),
+                                     groups)
         loss_val.backward()
         out[share] = loss_val.detach(), rkl, [p.grad.clone() for p in student.parameters()]
     assert prefills == [2]  # the shared path ran, on the 2 distinct prompts
