@@ -350,3 +350,42 @@ def full_state(model, optimizer):
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def check_resume(saved, args, path):
+    """Refuse (CheckpointError) a --resume whose flags would change what the run trains from here on: the
+    learning-rate schedule (a changed --steps, --warmup, --lr or --min-lr-frac moves every later step's
+    rate) or the adapters (the training state holds them unmerged). saved: the run's args, from its
+    training state."""
+    for name in ("steps", "warmup", "lr", "min_lr_frac", "lora_rank", "lora_alpha"):
+        if name in saved and saved[name] != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(f"--resume: {path} was trained with {flag} {saved[name]}, not {getattr(args, name)}; "
+                                  f"resume with the same {flag}, or start a new run from it with --student {path}")
+
+
+def text_files(ckpt, tokenizer):
+    """What a checkpoint of the student copies to keep its text interface: its tokenizer.json (`tokenizer`
+    when the checkpoint `ckpt` has none or is None), then the chat template, tokenizer and generation configs
+    beside it."""
+    own = os.path.join(ckpt, "tokenizer.json") if ckpt else None
+    others = [f for f in side_files(ckpt) if os.path.basename(f) != "tokenizer.json"] if ckpt else []
+    return [own if own and os.path.isfile(own) else tokenizer] + others
+
+
+def open_metrics(path, start):
+    """metrics.jsonl for appending, holding only the records of steps <= start (a killed run may have
+    logged steps after its last checkpoint; the resumed run logs them again)."""
+    keep = []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= start:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    pass  # a line cut by the kill
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")

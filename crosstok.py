@@ -300,3 +300,12 @@ def cross_tokenizer_loss(s_logits, t_logits, batch, cb, shared, n_tokens, loss, 
             out = out + hybrid_uld_loss(s_logits[rows, s_cols], t_logits[rows, t_cols], *shared, n_tokens, loss,
                                         beta, temperature, uld_weight, chunk_size)
     return out, s_span_lp.detach(), t_span_lp
+
+
+def cross_distill_loss(s_logits, t_logits, batch, cb, shared, n_tokens, args):
+    """train.py's distillation loss across tokenizers (cross_tokenizer_loss with the run's flags), and the
+    student's reverse KL on its own samples for the log: its sequence-level sample estimate."""
+    loss, s_span_lp, t_span_lp = cross_tokenizer_loss(s_logits, t_logits, batch, cb, shared, n_tokens, args.loss,
+                                                      args.beta, args.loss_temperature, args.uld_weight,
+                                                      args.chunk_size)
+    return loss, (s_span_lp - t_span_lp)[batch.on_policy].sum()

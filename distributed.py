@@ -89,3 +89,19 @@ def all_sum(x, device):
     t = torch.tensor(float(x), device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return t.item()
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes of this rank's optimizer state (AdamW: two moments per trainable number, and a step count)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  an FSDP2 shard
+    return sum(local(t).nbytes for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+
+
+def peak_mem_mb(device):
+    """CUDA: the most memory allocated; CPU: the process's peak resident set (only grows)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    import sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10

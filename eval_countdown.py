@@ -8,6 +8,10 @@
     python eval_countdown.py --plot runs/study/*/ --out docs/study.png   # val accuracy vs steps, FLOPs, minutes
     python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
 
+train.py's evals live here too: the verifier's reward on a batch (rewards), val and test accuracy
+(evaluate), the student's held-out reverse KL to the teacher (evaluate_rkl), and what a run logs at its
+start and end.
+
 The checkpoint's Countdown format comes with it (chat.load_chat, data.countdown.countdown_format): the
 step-list format for this codebase's char models, the chat template and <answer>expression</answer> for a
 chat model (give those --max-new-tokens 64-256). Prints accuracy, the format-valid rate (the answer has its
@@ -26,7 +30,12 @@ import torch
 from chat import load_chat
 from checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
 from data.countdown import TOKENIZER_PATH, countdown_format, load_split, prompt_text
-from rollout import generate, left_pad
+from data import TASK_SPLITS
+from distributed import all_sum, decoding, optimizer_state_bytes
+from losses import head_divergence_sum
+from model import forward_from, num_params
+from rollout import generate, left_pad, pack, sample, shared_prompts
+from teacher import teacher_scores
 
 
 def load_for_eval(ckpt, default_tokenizer):
@@ -60,6 +69,115 @@ def summarize(rows):
     return dict(accuracy=sum(r["correct"] for r in rows) / n, format_valid=sum(r["well_formed"] for r in rows) / n,
                 mean_tokens=sum(r["n_tokens"] for r in rows) / n, n=len(rows))
 
+
+def rewards(batch, rows, fmt):
+    """The verifier's reward per row [B]: 1 for an on-policy completion that ended (an eos id) and reaches the
+    target with every number once, else 0 (data/countdown.py; never eval). rows: rollout.Row."""
+    out = []
+    for r, comp in zip(rows, batch.completions()):
+        if not r.on_policy:  # a given row's answer is no sample of the student's
+            out.append(0.0)
+            continue
+        ended = len(comp) > 0 and comp[-1] in fmt.eos_ids
+        numbers, target, _ = r.problem
+        out.append(float(ended and fmt.verify(numbers, target, fmt.decode(comp[:-1] if ended else comp))))
+    return torch.tensor(out, device=batch.tokens.device)
+
+
+# ------------------------------------------------------------------- the evals of a training run (train.py)
+# Collective: every rank calls them with the same problems and decodes its share. run: train.Run.
+
+N_EXAMPLES = 3  # test answers printed before and after training, side by side
+
+
+def evaluate(model, fmt, problems, run, max_new_tokens, examples=None):
+    """Greedy accuracy on `problems` in the model's format. examples: a list that receives this rank's first
+    answers (problem, answer text), to show what the model writes."""
+    with torch.no_grad(), decoding(model):
+        rows = countdown_eval(model, fmt, problems[run.rank::run.world], batch_size=512,
+                              max_new_tokens=max_new_tokens)
+    if examples is not None:
+        examples += [(r["prompt"], r["answer"]) for r in rows[:N_EXAMPLES]]
+    s = summarize(rows)
+    n = all_sum(s["n"], run.device)
+    return {k: all_sum(s[k] * s["n"], run.device) / n for k in ("accuracy", "format_valid", "mean_tokens")}
+
+
+def evaluate_rkl(model, teacher, problems, run):
+    """The student's mean per-token reverse KL to the teacher, KL(p_S || p_T) over the full vocabularies, on
+    its own samples (fixed noise: steps -1, -2, ..., which no training step uses) for held-out prompts: what
+    on-policy distillation lowers. Same-tokenizer teachers only (None otherwise)."""
+    if run.cross:
+        return None
+    problems = problems[:len(problems) // run.world * run.world]  # every rank decodes as many rows
+    prompts = [run.fmt.prompt_ids(n, t) for n, t, _ in problems]
+    total, count, B = 0.0, 0, run.args.batch_size
+    with torch.no_grad():
+        for i in range(0, len(prompts), B):
+            mine = prompts[i:i + B][run.rank::run.world]
+            completions, logprobs, _, _ = sample(model, mine, run, -1 - i // B, 0)
+            batch = pack(mine, completions, run.pad, run.device, logprobs=logprobs, on_policy=[True] * len(mine))
+            t_h, _ = teacher_scores(teacher, batch, None, shared_prompts(batch), run)
+            m = batch.mask[:, batch.prompt_len:]
+            total += forward_from(model, batch.tokens, batch.pos, batch.valid, batch.prompt_len,
+                                  lambda h, w: head_divergence_sum(h, w, t_h, run.t_head, m, "rkl",
+                                                                   chunk_size=run.args.chunk_size)).item()
+            count += m.sum().item()
+    return all_sum(total, run.device) / max(1.0, all_sum(count, run.device))
+
+
+def start_of_run(model, teacher, run, val, test, eval_tokens, examples):
+    """Where the student starts and where the teacher is: test accuracies, the student's held-out reverse KL
+    (distill), the mixed-in task's accuracy (--sft-mix) and its val accuracy (the curves' origin)."""
+    out = {"trainable_params": num_params(model, trainable=True)}
+    if teacher is not None:
+        out["teacher_test_accuracy"] = evaluate(teacher, run.t_fmt, test, run, eval_tokens)["accuracy"]
+    out["student_test_accuracy_before"] = evaluate(model, run.fmt, test, run, eval_tokens, examples)["accuracy"]
+    if run.args.stage == "distill":
+        out["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
+    if run.args.sft_mix:
+        out["mix_test_accuracy_before"] = evaluate(model, run.mix_fmt, mix_test(run.args), run, eval_tokens)["accuracy"]
+    if run.rank == 0:
+        print("test accuracy: " + (f"teacher {out['teacher_test_accuracy']:.3f}, " if teacher is not None else "")
+              + f"student before {out['student_test_accuracy_before']:.3f}"
+              + rkl_text(" (val per-token KL(student || teacher) {:.3f})", out.get("student_val_rkl_before")))
+    return out
+
+
+def validate(model, teacher, val, eval_tokens, run):
+    """Val accuracy (and, distilling, the student's held-out reverse KL)."""
+    ev = evaluate(model, run.fmt, val, run, eval_tokens)
+    if run.args.stage == "distill":
+        ev["rkl"] = evaluate_rkl(model, teacher, val, run)
+    return ev
+
+
+def end_of_run(model, optimizer, run, test, eval_tokens, before):
+    """Test accuracy after training (and the mixed-in task's), the optimizer's memory; prints the examples
+    of the start next to the same problems now."""
+    after = []
+    out = dict(optimizer_state_bytes=round(all_sum(optimizer_state_bytes(optimizer), run.device)),
+               student_test_accuracy_after=evaluate(model, run.fmt, test, run, eval_tokens, after)["accuracy"])
+    if run.args.sft_mix:  # the mixed-in task kept? (its test split, as many problems as --eval-n)
+        out["mix_test_accuracy_after"] = evaluate(model, run.mix_fmt, mix_test(run.args), run, eval_tokens)["accuracy"]
+    if run.rank == 0:
+        for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
+            print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
+        print(f"test accuracy: student after {out['student_test_accuracy_after']:.3f}")
+    return out
+
+
+def mix_test(args):
+    """--sft-mix: the mixed-in task's test problems (as many as --eval-n)."""
+    test = TASK_SPLITS[args.sft_mix]("test")
+    return test[:args.eval_n] if args.eval_n else test
+
+
+def rkl_text(template, value):
+    return "" if value is None else template.format(value)
+
+
+# ------------------------------------------------------------------------------- tables and plots of runs
 
 def read_run(d):
     """(args.json, the records of metrics.jsonl) of a run directory; ValueError (one line) otherwise."""

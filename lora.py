@@ -50,6 +50,21 @@ def max_rank(model):
     return min(min(getattr(b, n).in_features, getattr(b, n).out_features) for b in model.blocks for n in TARGETS)
 
 
+def check_lora_args(args):
+    """Refuse (ValueError, one line) train.py's --lora-* flags when they would do nothing or cannot work; fill
+    --lora-alpha's default (2 x rank: a scale of 2 at every rank)."""
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank} (leave it out for full fine-tuning)")
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise ValueError("--lora-alpha needs --lora-rank (without adapters it would do nothing)")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise ValueError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
+    if args.lora_rank and args.student is None:
+        raise ValueError("--lora-rank needs a --student to adapt (a fresh model has no base worth freezing)")
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
+
+
 def add_lora(model, rank, alpha, seed=0):
     """Put rank-`rank` adapters on every block's attention and MLP linears and freeze everything else (in
     place; returns the model). A is drawn from a generator seeded with `seed`, so every process and every

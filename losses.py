@@ -403,3 +403,91 @@ def sampled_token_loss(s_logprobs, old_logprobs, t_logprobs, mask, n_tokens):
     t_logprobs log p_T(x_t)."""
     return policy_gradient_loss(s_logprobs, old_logprobs, distill_advantage(t_logprobs, old_logprobs), mask,
                                 n_tokens)
+
+
+# ------------------------------------------------------------------------------ the objective of each stage
+# train.py picks one by --stage, once. Each runs as the head= of the student's forward (model.forward_from):
+# from its final-normed hidden states h [B, N, d] where it predicts the N completion tokens and its head
+# weight W, it returns (the loss: a sum over this rank's completion tokens / n_tokens of the whole step, the
+# reverse KL summed over its own samples' tokens for the log, or None). run: train.Run (args, t_head).
+
+def sft_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
+    """Cross-entropy of the given completions."""
+    c = batch.prompt_len
+    return -head_token_logprobs(h, w, batch.tokens[:, c:], batch.mask[:, c:], run.args.chunk_size).sum() / n_tokens, None
+
+
+def rl_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
+    """The policy gradient of the sampled estimator with the verifier's reward advantage [B] on every token of
+    a row in place of the teacher's log-ratio."""
+    c = batch.prompt_len
+    m = batch.mask[:, c:]
+    s_lp = head_token_logprobs(h, w, batch.tokens[:, c:], m, run.args.chunk_size)
+    return policy_gradient_loss(s_lp, batch.logprobs[:, c:], reward_adv[:, None], m, n_tokens), None
+
+
+def distill_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
+    """The divergence to the teacher (its hidden states t_h, head weight run.t_head) over the full
+    vocabularies, or the sampled estimator (a policy gradient with the teacher's log-ratio as advantage and
+    the rollout's logprobs as p_old, plus --reward-weight x the rows' reward advantage when given; the
+    teacher gives only log p_T of the sampled tokens, and the logged reverse KL is its one-sample estimate).
+    --sft-mix: the off-policy rows (another task's ground truth) learn by cross-entropy instead."""
+    args, c = run.args, batch.prompt_len
+    tgt, m, on = batch.tokens[:, c:], batch.mask[:, c:], batch.on_policy[:, None]
+    ce = 0.0
+    if args.sft_mix:
+        ce = -head_token_logprobs(h, w, tgt, m & ~on, args.chunk_size).sum() / n_tokens
+        m = m & on
+    if args.loss == "sampled":
+        s_lp, old_lp = head_token_logprobs(h, w, tgt, m, args.chunk_size), batch.logprobs[:, c:]
+        with torch.no_grad():
+            t_lp = head_token_logprobs(t_h, run.t_head, tgt, m, args.chunk_size)
+        adv = distill_advantage(t_lp, old_lp)
+        if reward_adv is not None:
+            adv = adv + args.reward_weight * reward_adv[:, None]
+        return policy_gradient_loss(s_lp, old_lp, adv, m, n_tokens), ((old_lp - t_lp) * (m & on)).sum()
+    loss, rkl = head_divergence_loss(h, w, t_h, run.t_head, m, args.loss, n_tokens, args.beta, args.loss_temperature,
+                                     args.chunk_size, metric=on.expand_as(m))
+    return loss + ce, rkl
+
+
+OBJECTIVES = {"sft": sft_objective, "rl": rl_objective, "distill": distill_objective}
+
+
+def step_reward_advantage(reward, group_size, norm, rank, world):
+    """This rank's rows' reward_advantage. A prompt's samples are consecutive global rows and rank r holds
+    rows r::world, so the step's rewards are gathered from every rank first."""
+    full = torch.zeros(len(reward) * world, device=reward.device)
+    full[rank::world] = reward
+    if world > 1:
+        torch.distributed.all_reduce(full)
+    return reward_advantage(full, group_size, norm)[rank::world]
+
+
+def check_loss_args(args):
+    """Refuse (ValueError, one line) train.py loss flags that contradict each other or would be ignored."""
+    rl = args.stage == "rl"
+    if args.loss == "sampled" and args.stage == "distill" and args.lmbda != 1:
+        raise ValueError("--loss sampled needs --lmbda 1: its p_old is the distribution the student sampled from, "
+                         "and off-policy rows were not sampled by the student")
+    if args.loss != "sampled":
+        try:
+            check_divergence(args.loss, args.beta)
+        except ValueError as e:
+            raise ValueError(f"--loss {args.loss} --beta {args.beta}: {e}")
+    if args.loss_temperature <= 0:
+        raise ValueError(f"--loss-temperature must be > 0, got {args.loss_temperature}")
+    if args.loss_temperature != 1 and (args.loss == "sampled" or args.stage != "distill"):
+        raise ValueError("--loss-temperature applies to a divergence over the vocabulary (--stage distill, --loss "
+                         "not sampled); here it would be ignored")
+    if (args.loss == "sampled" or rl) and (args.temperature != 1 or args.top_k):
+        raise ValueError(f"--{'stage rl' if rl else 'loss sampled'} needs the student's own distribution: "
+                         "--temperature 1 and no --top-k")
+    if args.reward_weight < 0:
+        raise ValueError(f"--reward-weight must be >= 0, got {args.reward_weight}")
+    if args.reward_weight and (args.stage != "distill" or args.loss != "sampled"):
+        raise ValueError("--reward-weight needs --stage distill --loss sampled: it adds to that loss's per-token "
+                         "advantage")
+    if (rl or args.reward_weight) and args.adv_norm != "none" and args.samples_per_prompt < 2:
+        raise ValueError(f"--adv-norm {args.adv_norm} compares a prompt's samples: it needs --samples-per-prompt "
+                         ">= 2 (or --adv-norm none)")

@@ -197,6 +197,25 @@ def prefill(model, ids, pos, valid, max_len, groups=None, head=None, cache_cls=K
     return logits[inverse], cache.rows(inverse)
 
 
+def forward_from(model, tokens, pos, valid, start, head=None, groups=None, cache_cls=KVCache):
+    """model's outputs where it predicts tokens start..T-1 of tokens [B, T]: head(h, W) of the final-normed
+    hidden states h [B, T - start, d] there (default: the logits h W^T). The forward computes the last block
+    only from column start - 1 on (GPT.forward's out_from).
+
+    groups (distinct_rows of the first `start` columns, the prompts; rollout.shared_prompts): each distinct
+    prompt runs once into a cache (cache_cls: GradKV for a forward with gradients) and every row's rest runs
+    over its copy: the same outputs up to float rounding, for 1/k of the prompt's compute with k rows per
+    prompt; with GradKV the gradient flows back through the gathered keys and values into the one prompt
+    forward. That is two forwards instead of one: every rank must pass groups or none (FSDP)."""
+    head = head or (lambda h, w: F.linear(h, w))
+    if groups is None:
+        return model(tokens, pos, valid, out_from=start - 1, head=lambda h, w: head(h[:, :-1], w))
+    last, cache = prefill(model, tokens[:, :start], pos[:, :start], valid[:, :start], tokens.size(1), groups,
+                          head=lambda h, w: h, cache_cls=cache_cls)
+    return model(tokens[:, start:], pos[:, start:], valid[:, start:], cache,
+                 head=lambda h, w: head(torch.cat([last[:, None], h[:, :-1]], 1), w))
+
+
 def rms_norm(x, weight, eps=1e-6):
     return F.rms_norm(x, (x.size(-1),), weight, eps)
 
@@ -379,3 +398,17 @@ def keep_layers(model, layers):
         new.head.weight = new.embed.weight
     new.blocks = nn.ModuleList(copy.deepcopy(model.blocks[i]) for i in layers)
     return new
+
+
+def layer_slice(spec, n_layer):
+    """The block indices a START:STOP:STEP slice (STEP > 0) keeps out of n_layer, in order; ValueError."""
+    try:
+        parts = [int(x) if x.strip() else None for x in spec.split(":")]
+        layers = list(range(n_layer))[slice(*parts)] if 1 <= len(parts) <= 3 and spec.strip() else []
+        layers = layers if len(parts) < 3 or parts[2] is None or parts[2] > 0 else []
+    except ValueError:
+        layers = []
+    if not layers:
+        raise ValueError(f"--keep-layers {spec!r}: not a START:STOP:STEP slice (STEP > 0) that keeps some of "
+                         f"{n_layer} layers in order")
+    return layers

@@ -15,14 +15,25 @@ A batch is a left-padded block of prompts followed by a completion region:
 
 Positions come from `valid` (model.positions_from_valid), so a row scores the same at any padding.
 Rollouts and given completions are packed together into one batch by `pack`.
+
+A training step's batch (the end of this file): its rows (step_rows: the first lambda x batch on-policy,
+the rest off-policy), the on-policy rows' completions made by the --rollout scheme (ROLLOUTS: the
+student samples, or speculative KD), the off-policy rows' given answers or teacher samples (make_batch).
+A new rollout scheme is one function in ROLLOUTS; train.py's --rollout choices are its keys.
 """
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import StaticKVCache, distinct_rows, positions_from_valid, prefill
+from data import longest_prompt
+from data.countdown import augment
+from distributed import any_rank, compute_dtype, decoding, full_parameters
+from flops import flops_generate
+from lora import merge, scale_of
+from model import GPT, StaticKVCache, distinct_rows, positions_from_valid, prefill
 
 
 @dataclass
@@ -252,3 +263,167 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
                  logprobs=torch.cat([torch.zeros(B, P, device=device), lps], 1),
                  on_policy=torch.ones(B, dtype=torch.bool, device=device),
                  kept=torch.cat([zeros, kept[:, :n]], 1) if teacher is not None else None)
+
+
+# ---------------------------------------------------------------------- a training step's rows and completions
+
+@dataclass
+class Row:
+    prompt: list          # prompt token ids
+    answer: list          # ground-truth completion ids (off-policy rows), None for on-policy rows
+    on_policy: bool       # the student samples this row's completion
+    problem: tuple        # (numbers, target, solution): the verifier's input; a cross-tokenizer teacher's prompt
+
+
+def step_rows(problems, step, args, n_on, fmt, rank, world, mix=None):
+    """This rank's rows of step `step`: the global batch is drawn by a generator seeded with (seed, step), its
+    first n_on rows on-policy (n_on / spp problems, each spp times in a row), the rest off-policy; rank r
+    takes rows r::world (n_on is a multiple of world, so every rank gets the same share of each kind).
+    mix: (problems, format) of --sft-mix's task, which the off-policy rows then come from."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    idx = torch.randint(len(problems), (args.batch_size,), generator=g).tolist()
+    probs = [problems[i] for i in idx]
+    if args.augment:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        probs = [augment(p, rng) for p in probs]
+    n_prompts = n_on // args.samples_per_prompt
+    on = [p for p in probs[:n_prompts] for _ in range(args.samples_per_prompt)]
+    off, off_fmt = probs[n_prompts:n_prompts + args.batch_size - n_on], fmt
+    if mix is not None:
+        off, off_fmt = [mix[0][i] for i in torch.randint(len(mix[0]), (len(off),), generator=g).tolist()], mix[1]
+    rows = ([Row(fmt.prompt_ids(n, t), None, True, (n, t, a)) for n, t, a in on] +
+            [Row(off_fmt.prompt_ids(n, t), off_fmt.answer_ids(a), False, (n, t, a)) for n, t, a in off])
+    return rows[rank::world]
+
+
+def rollout_seed(seed, step, stream):
+    return (seed * 1_000_003 + step) * 2 + stream
+
+
+def sample(model, prompts, run, step, stream, teacher=None):
+    """(completions, their logprobs, the FLOPs it took, which tokens were kept proposals or None) as lists,
+    sampled from `model` for this rank's share of the step's rows of a stream (0: the student's on-policy
+    rows, 1: the teacher's seq-KD rows). Seeded by (seed, step, stream) on every rank and drawn per global
+    row, so N processes sample what one does. teacher: speculative KD, the teacher keeping or replacing each
+    of the model's proposals (speculative_choice), its noise from its own seed.
+    run: train.Run (reads args, pad, eos, rank, world, device, cache_len)."""
+    args = run.args
+    g = torch.Generator(run.device).manual_seed(rollout_seed(args.seed, step, stream))
+    ids, valid = left_pad(prompts, run.pad, run.device)
+    n_rows = len(prompts) * run.world  # every rank holds the same number of this stream's rows
+    decoder = decode_replica(model, run.device) if args.compile else model
+    skd = {}
+    if teacher is not None:
+        skd = dict(teacher=decode_replica(teacher, run.device) if args.compile else teacher,
+                   skd_top_k=args.skd_top_k, teacher_generator=torch.Generator(run.device).manual_seed(
+                       rollout_seed(args.seed, step, stream) + (1 << 48)))  # no step's stream seed
+    with decoding(decoder), decoding(skd.get("teacher")):
+        batch = generate(decoder, ids, valid, args.max_new_tokens, run.eos, run.pad, temperature=args.temperature,
+                         top_k=args.top_k or None, generator=g, rows=range(run.rank, n_rows, run.world),
+                         n_rows=n_rows, compile=args.compile, cache_len=run.cache_len, **skd)
+    P, K = ids.size(1), len(distinct_rows(ids, valid)[0])
+    flops = flops_generate(model.cfg, len(ids), P, batch.tokens.size(1) - P, K)
+    if teacher is not None:
+        flops += flops_generate(teacher.cfg, len(ids), P, batch.tokens.size(1) - P, K)
+    kept = batch.completion_values(batch.kept) if teacher is not None else None
+    return batch.completions(), batch.completion_logprobs(), flops, kept
+
+
+_replicas = {}  # id(model) -> its decode replica
+
+
+def decode_replica(model, device):
+    """--compile: a plain, unsharded GPT holding model's current weights in the compute dtype, for the compiled
+    decode step (FSDP's hooks do not compile). One per model, kept across steps and refreshed in place while
+    the model trains (a frozen teacher's once), so its weights stay at the addresses CUDA graphs replay on.
+    Costs a whole copy of the model per rank (and, while refreshing, its fp32 weights gathered whole); FSDP
+    holds every block whole while decoding anyway."""
+    replica = _replicas.get(id(model))
+    if replica is not None and not any(p.requires_grad for p in model.parameters()):
+        return replica
+    if replica is None:
+        replica = GPT(model.cfg).to(device, compute_dtype(device)).requires_grad_(False)
+        _replicas[id(model)] = replica
+    weights = full_parameters(model)
+    if scale_of(model):  # LoRA: the replica decodes with the merged weights, W + (alpha / r) B A
+        weights, _ = merge(weights, scale_of(model))
+    with torch.no_grad():
+        for name, p in replica.named_parameters():
+            p.copy_(weights[name])
+    return replica
+
+
+def student_rollout(model, teacher, prompts, run, step):
+    """On-policy rows: the student samples (stream 0)."""
+    return sample(model, prompts, run, step, 0)
+
+
+def skd_rollout(model, teacher, prompts, run, step):
+    """Speculative KD (Xu et al. 2024): the student proposes each token, the teacher keeps it when it is in
+    the teacher's top --skd-top-k and replaces it by its own otherwise (rollout.speculative_choice)."""
+    return sample(model, prompts, run, step, 0, teacher)
+
+
+# --rollout NAME -> fn(student, teacher, prompts, run, step) -> (completions, logprobs, FLOPs, kept or None)
+ROLLOUTS = {"student": student_rollout, "skd": skd_rollout}
+
+
+def check_rollout_args(args):
+    """Refuse (ValueError, one line) --rollout flags that cannot work together."""
+    if args.rollout == "skd" and (args.stage != "distill" or args.loss == "sampled"):
+        raise ValueError("--rollout skd needs --stage distill and a full-vocabulary loss: the sampled estimator's "
+                         "p_old is the student's distribution, and a teacher-corrected token was not drawn from it")
+    if args.rollout == "skd" and args.skd_top_k < 1:
+        raise ValueError(f"--skd-top-k must be >= 1, got {args.skd_top_k}")
+
+
+def make_batch(step, rows, model, teacher, run):
+    """(the step's batch, the FLOPs its sampling took): the on-policy rows' completions by the --rollout scheme
+    (they come first), then the off-policy rows': ground truth, or the teacher's samples with --seq-kd."""
+    on, off = [r for r in rows if r.on_policy], [r for r in rows if not r.on_policy]
+    completions, logprobs, flops, kept = [], [], 0, None
+    if on:
+        completions, logprobs, flops, kept = ROLLOUTS[run.args.rollout](model, teacher, [r.prompt for r in on],
+                                                                        run, step)
+    if off and run.args.seq_kd:
+        t_completions, _, t_flops, _ = sample(teacher, [r.prompt for r in off], run, step, 1)
+        completions, flops = completions + t_completions, flops + t_flops
+    else:
+        completions += [r.answer for r in off]
+    batch = pack([r.prompt for r in on + off], completions, run.pad, run.device,
+                 logprobs=logprobs + [None] * len(off), on_policy=[True] * len(on) + [False] * len(off),
+                 kept=kept + [None] * len(off) if kept is not None else None)
+    return batch, flops
+
+
+def check_context(fmt, t_fmt, cfg, t_cfg, max_new_tokens, task="countdown"):
+    """Refuse (ValueError) a --max-new-tokens whose longest rollout would not fit the student's or the
+    teacher's context (max_seq_len: a Hugging Face model's max_position_embeddings). Across tokenizers
+    (t_fmt is not fmt) the teacher needs at most one token per character of the completion (+ EOS), and a
+    student token is at most `chars` characters."""
+    tok = fmt.tok
+    n = longest_prompt(fmt, task) + max_new_tokens
+    # with one tokenizer the teacher scores the student's sequences as they are
+    contexts = {"student": cfg.max_seq_len} | ({"teacher": t_cfg.max_seq_len} if t_fmt is fmt else {})
+    for who, context in contexts.items():
+        if n > context:
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt + completion is {n} tokens, "
+                             f"over the {who}'s context of {context}")
+    if t_fmt is not fmt:
+        special = set(tok.get_added_tokens_decoder())
+        chars = max(len(t) for t, i in tok.get_vocab().items() if i not in special)
+        n = longest_prompt(t_fmt) + max_new_tokens * chars + 1
+        if n > t_cfg.max_seq_len:
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: a completion of up to {max_new_tokens * chars} "
+                             f"characters needs up to {n} teacher tokens with its prompt, over the teacher's "
+                             f"context of {t_cfg.max_seq_len}")
+
+
+def shared_prompts(batch):
+    """distinct_rows of the batch's prompts when some rows share one on any rank (--samples-per-prompt > 1,
+    or repeats by chance), else None: the forwards then run each distinct prompt once (model.forward_from).
+    Agreed across ranks, so every rank runs the same FSDP forwards whatever its rows."""
+    P = batch.prompt_len
+    groups = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P]) if P > 1 else None
+    repeat = groups is not None and len(groups[0]) < len(batch.tokens)
+    return groups if any_rank(repeat, batch.tokens.device) else None

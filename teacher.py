@@ -1,26 +1,46 @@
-"""The frozen teacher: load it, check it speaks the student's tokenizer, and score sequences.
+"""The frozen teacher: load it (with its own tokenizer), check it can teach the student, and score sequences
+(teacher_scores: the teacher's part of a training step).
 
 The teacher never trains: eval mode, requires_grad off, no optimizer state, every call under no_grad.
 One forward pass scores a whole batch (prompt + completion) in the shared layout of rollout.Batch, with
 the same positions the student used when sampling (two when rows share prompts: each distinct prompt
-once, then the completions over its cached keys and values; see score). A teacher with another
+once, then the completions over its cached keys and values: model.forward_from). A teacher with another
 tokenizer scores the same text in its own tokens (crosstok.py builds that batch).
 """
 import torch
 
 from chat import load_chat
 from checkpoint import load_pretrained, resolve_checkpoint
+from crosstok import cross_tokenizer_batch
 from data.countdown import countdown_format
-from distributed import any_rank
-from model import distinct_rows, prefill
+from model import forward_from
 
 
-def load_teacher(path, default_tokenizer=None):
-    """(frozen model on CPU, its Countdown format) of a teacher checkpoint or run directory. Raises
-    CheckpointError / ValueError with one line."""
+def load_teacher(path):
+    """(frozen model on CPU, its Countdown format) of a teacher checkpoint or run directory, which must hold
+    its own tokenizer.json: a teacher never borrows the student's. Raises CheckpointError / ValueError with
+    one line."""
     path = resolve_checkpoint(path)
-    fmt = countdown_format(load_chat(path, default_tokenizer))
-    return load_pretrained(path).requires_grad_(False), fmt
+    model = load_pretrained(path).requires_grad_(False)  # the weights' errors first
+    return model, countdown_format(load_chat(path))
+
+
+def check_teacher(t_fmt, fmt, t_cfg, args):
+    """Whether the teacher speaks another tokenizer than the student (cross: crosstok.py's span-aligned losses;
+    --cross-tokenizer auto decides by the vocabularies), refusing (ValueError) what cannot work with it."""
+    same = fmt.tok.get_vocab() == t_fmt.tok.get_vocab()
+    if args.cross_tokenizer == "off" or (same and args.cross_tokenizer == "auto"):
+        check_same_tokenizer(fmt.tok, t_fmt.tok)
+    cross = args.cross_tokenizer == "on" or not same
+    if cross and args.seq_kd:
+        raise ValueError("--seq-kd with a cross-tokenizer teacher is not supported (its samples are in the "
+                         "teacher's tokens)")
+    if cross and args.rollout == "skd":
+        raise ValueError("--rollout skd needs the teacher's tokenizer: across tokenizers a student token is not "
+                         "one of the teacher's, so 'in the teacher's top k' is not defined")
+    if args.rollout == "skd" and args.skd_top_k > t_cfg.vocab_size:
+        raise ValueError(f"--skd-top-k {args.skd_top_k} is above the vocabulary ({t_cfg.vocab_size})")
+    return cross
 
 
 def check_same_tokenizer(student_tok, teacher_tok):
@@ -47,25 +67,24 @@ def head_weight(teacher, dtype=None):
 
 
 @torch.no_grad()
-def score(teacher, batch, autocast=False, start=1, share_prompts=True, hidden_states=False):
+def score(teacher, batch, start=1, groups=None, hidden_states=False):
     """Teacher logits predicting tokens start..T-1: [B, T-start, V] in the model's dtype (fp32 on CPU; the
-    losses upcast one chunk of positions at a time), row i scores
-    batch.tokens[:, start + i]. hidden_states: the final-normed hidden states [B, T-start, d] instead, whose
-    logits the fused losses make with head_weight a chunk at a time. start=batch.prompt_len scores only the completion region (all a
-    same-tokenizer loss reads; the forward skips the rest where it can, see GPT.forward's out_from).
+    losses upcast one chunk of positions at a time), row i scores batch.tokens[:, start + i]. hidden_states:
+    the final-normed hidden states [B, T-start, d] instead, whose logits the fused losses make with
+    head_weight a chunk at a time. start=batch.prompt_len scores only the completion region (all a
+    same-tokenizer loss reads). groups (rollout.shared_prompts): each distinct prompt runs once
+    (model.forward_from)."""
+    return forward_from(teacher, batch.tokens, batch.pos, batch.valid, start, hidden if hidden_states else None,
+                        groups)
 
-    There, when rows share a prompt (--samples-per-prompt > 1) and share_prompts is on, each distinct
-    prompt runs once into a KV cache (model.prefill) and the completions run on their copies of it:
-    the same logits up to float rounding, with the prompt's compute divided by the samples per prompt."""
-    P, T = batch.prompt_len, batch.tokens.size(1)
-    head = hidden if hidden_states else None
-    with torch.autocast(batch.tokens.device.type, torch.bfloat16, enabled=autocast):
-        if start == P and share_prompts and P > 1:
-            groups = distinct_rows(batch.tokens[:, :P], batch.valid[:, :P])
-            if any_rank(len(groups[0]) < len(batch.tokens), batch.tokens.device):
-                pos = batch.pos
-                last, cache = prefill(teacher, batch.tokens[:, :P], pos[:, :P], batch.valid[:, :P], T, groups, head)
-                rest = teacher(batch.tokens[:, P:], pos[:, P:], batch.valid[:, P:], cache, head=head)
-                return torch.cat([last[:, None], rest[:, :-1]], 1)
-        logits = teacher(batch.tokens, batch.pos, batch.valid, out_from=start - 1, head=head)
-    return logits[:, :-1]
+
+def teacher_scores(teacher, batch, rows, groups, run):
+    """(the teacher's output for the loss, the cross-tokenizer alignment or None). With the student's
+    tokenizer, its final hidden states where they predict the completion tokens: the losses make the logits
+    from them and run.t_head a chunk of positions at a time. With another (run.cross), the logits of the same
+    text in the teacher's tokens (crosstok.py; ValueError where its tokenizer cannot reproduce the text)."""
+    if not run.cross:
+        return score(teacher, batch, batch.prompt_len, groups, hidden_states=True), None
+    cb = cross_tokenizer_batch(batch, [r.problem for r in rows], run.fmt.tok, run.t_fmt.tok, teacher.cfg.max_seq_len,
+                               run.t_fmt)
+    return score(teacher, cb.teacher), cb

@@ -330,8 +330,9 @@ def test_train_distill_and_sft_on_a_chat_checkpoint(chat_ckpts, tmp_path, monkey
     teacher, student = chat_ckpts
     fast = ["--batch-size", "4", "--max-new-tokens", "6", "--eval-n", "4", "--eval-every", "0", "--warmup", "0"]
     packed = []
-    real_pack = train.pack
-    monkeypatch.setattr(train, "pack", lambda p, c, *a, **k: packed.append((p, c)) or real_pack(p, c, *a, **k))
+    import rollout
+    real_pack = rollout.pack
+    monkeypatch.setattr(rollout, "pack", lambda p, c, *a, **k: packed.append((p, c)) or real_pack(p, c, *a, **k))
     out = str(tmp_path / "distill")
     train.main(["--teacher", teacher, "--student", student, "--out", out, "--steps", "2", "--lmbda", "0.5", *fast])
     chat = load_chat(student)

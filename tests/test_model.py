@@ -9,7 +9,7 @@ from checkpoint import load_pretrained
 from conftest import hf_logits, make_hf_model, random_prompts, spp_prompts, tiny_model
 from losses import divergence_loss
 from model import KVCache, apply_rope, distinct_rows, positions_from_valid
-from rollout import generate, left_pad, pack
+from rollout import generate, left_pad, pack, shared_prompts
 from teacher import score
 
 PAD = 0
@@ -133,8 +133,10 @@ def test_shared_prompt_teacher_scores_equal_the_full_forward():
     b = pack(ps, comps, 0)
     P = b.prompt_len
     full = teacher(b.tokens, b.pos, b.valid)[:, P - 1:-1]
-    shared = score(teacher, b, start=P)
-    plain = score(teacher, b, start=P, share_prompts=False)
+    groups = shared_prompts(b)
+    assert groups is not None and len(groups[0]) < len(b.tokens)
+    shared = score(teacher, b, start=P, groups=groups)
+    plain = score(teacher, b, start=P)
     assert shared.shape == full.shape == plain.shape
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain, full, rtol=1e-5, atol=1e-5)

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import make_ckpt, run, tiny_model
+from conftest import make_ckpt, one_line_error, run, tiny_model
 from data.countdown import EOS, PAD, TOKENIZER_PATH, load_split, load_tokenizer, prompt_ids
 from losses import per_token_divergence, token_logprobs
 from checkpoint import load_pretrained, save_pretrained
 from model import GPTConfig
-from rollout import generate, left_pad
+from rollout import generate, left_pad, rollout_seed
 
 FAST = ["--batch-size", "8", "--max-new-tokens", "6", "--eval-n", "8", "--eval-every", "0", "--warmup", "0"]
 
@@ -44,9 +44,10 @@ def rows(out):
 def test_on_policy_fraction_is_exact_and_lambda_zero_never_samples(ckpts, tmp_path, monkeypatch, lmbda):
     teacher, student = ckpts
     sampled = []
-    real_sample = train.sample
+    import rollout
+    real_sample = rollout.sample
     # training steps only: the held-out reverse-KL eval samples too, at steps -1, -2, ...
-    monkeypatch.setattr(train, "sample", lambda model, prompts, run, step, stream, *skd: (
+    monkeypatch.setattr(rollout, "sample", lambda model, prompts, run, step, stream, *skd: (
         step >= 0 and sampled.append((model, len(prompts)))) or real_sample(model, prompts, run, step, stream, *skd))
     out = str(tmp_path / "run")
     run_main(["--teacher", teacher, "--student", student, "--out", out, "--lmbda", str(lmbda), "--steps", "4", *FAST])
@@ -118,11 +119,11 @@ def test_seq_kd_rows_are_teacher_samples(ckpts, tmp_path, monkeypatch):
     t_model = load_pretrained(teacher)
     off_p, off_c = prompts[4:], comps[4:]
     ids, valid = left_pad(off_p, tok.token_to_id(PAD))
-    g = torch.Generator().manual_seed(train.rollout_seed(0, 0, 1))
+    g = torch.Generator().manual_seed(rollout_seed(0, 0, 1))
     ref = generate(t_model, ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD), temperature=1.0, generator=g)
     assert off_c == ref.completions()
     s_ref = generate(load_pretrained(student), ids, valid, 6, 2, 0, temperature=1.0,
-                     generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 1)))
+                     generator=torch.Generator().manual_seed(rollout_seed(0, 0, 1)))
     assert off_c != s_ref.completions()  # and they are not the student's
 
 
@@ -151,18 +152,46 @@ def test_bad_input_fails_before_training(ckpts, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(ckpts, tmp_path):
     teacher, student = ckpts
     out = str(tmp_path / "run")
-    assert run("train.py", "--teacher", teacher, "--student", student, "--out", out, "--steps", "4", "--save-every",
-               "1", "--max-minutes", "0", *FAST[:-2], "--warmup", "0", "--steps", "2", check=False).returncode == 0
     bad = tmp_path / "nanteacher"
     sd, m = weights(teacher), load_pretrained(teacher)
     sd["head.weight"][0, 0] = float("nan")
     save_pretrained(sd, m.cfg, str(bad), TOKENIZER_PATH)
-    r = run("train.py", "--teacher", str(bad), "--student", student, "--out", out, "--steps", "4", "--save-every", "1",
-            "--resume", *FAST, check=False)
-    assert r.returncode != 0 and "step 3" in r.stderr.strip().splitlines()[-1]
+    args = ["--student", student, "--out", out, "--steps", "4", "--save-every", "1", *FAST]
+    r = run("train.py", "--teacher", str(bad), *args, check=False)  # no checkpoint yet: none is named
+    assert "step 1" in one_line_error(r) and "no checkpoint was saved yet" in r.stderr
+    assert not os.path.exists(os.path.join(out, "latest"))
+    shutil.rmtree(out)
+    run("train.py", "--teacher", teacher, *args, "--max-minutes", "1e-9")  # stops (and saves) after step 1
+    r = run("train.py", "--teacher", str(bad), *args, "--resume", check=False)
+    assert "step 2" in one_line_error(r) and "step_000001" in r.stderr
     with open(os.path.join(out, "latest")) as f:
-        assert f.read() == "step_000002"
-    assert all(math.isfinite(v.abs().sum().item()) for v in weights(os.path.join(out, "ckpt", "step_000002")).values())
+        assert f.read() == "step_000001"
+    assert all(math.isfinite(v.abs().sum().item()) for v in weights(os.path.join(out, "ckpt", "step_000001")).values())
+
+
+def test_bad_input_found_by_trying_it_fails_with_one_line_and_writes_nothing(ckpts, tmp_path):
+    """A checkpoint without its tokenizer.json (student or teacher: never a borrowed tokenizer), a --resume
+    that would change the learning-rate schedule, a reversed or blank --keep-layers, and a --loss-temperature
+    that nothing would read."""
+    teacher, student = ckpts
+    bare = tmp_path / "bare"
+    shutil.copytree(student, bare)
+    os.remove(bare / "tokenizer.json")
+    base = ["--teacher", teacher, "--student", student, *FAST]
+    for args, want in ((["--student", str(bare)], "no tokenizer.json"), (["--teacher", str(bare)], "no tokenizer.json"),
+                       (["--keep-layers", "::-1"], "--keep-layers '::-1'"), (["--keep-layers", " "], "--keep-layers ' '"),
+                       (["--loss", "sampled", "--loss-temperature", "2"], "--loss-temperature"),
+                       (["--stage", "rl", "--samples-per-prompt", "2", "--loss-temperature", "2"], "--loss-temperature")):
+        out = tmp_path / "new"
+        assert want in one_line_error(run("train.py", *base, *args, "--out", str(out), check=False)), args
+        assert not os.path.exists(out), args
+    out = str(tmp_path / "run")
+    run("train.py", *base, "--out", out, "--steps", "2")
+    before = sorted(os.listdir(out)), open(os.path.join(out, "metrics.jsonl")).read()
+    for change in (["--steps", "4"], ["--warmup", "3"], ["--lr", "1e-3"]):  # the last of a flag wins
+        msg = one_line_error(run("train.py", *base, "--out", out, "--steps", "2", "--resume", *change, check=False))
+        assert f"trained with {change[0]}" in msg, msg
+    assert (sorted(os.listdir(out)), open(os.path.join(out, "metrics.jsonl")).read()) == before
 
 
 def test_cross_tokenizer_path_with_identical_tokenizers_equals_the_plain_path(ckpts, tmp_path):
@@ -265,7 +294,7 @@ def test_val_rkl_is_the_students_reverse_kl_on_its_own_samples(ckpts, tmp_path):
     tok, s, t = load_tokenizer(), load_pretrained(student), load_pretrained(teacher)
     ids, valid = left_pad([prompt_ids(tok, a, b) for a, b, _ in load_split("val")[:8]], tok.token_to_id(PAD))
     b = generate(s, ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD), temperature=1.0,
-                 generator=torch.Generator().manual_seed(train.rollout_seed(0, -1, 0)))
+                 generator=torch.Generator().manual_seed(rollout_seed(0, -1, 0)))
     with torch.no_grad():
         m = b.mask[:, 1:]
         want = per_token_divergence(s(b.tokens, b.pos, b.valid)[:, :-1][m], t(b.tokens, b.pos, b.valid)[:, :-1][m],
@@ -289,7 +318,7 @@ def test_sft_seq_kd_trains_on_teacher_samples(ckpts, tmp_path, monkeypatch):
     prompts, batch = packed[0]
     tok = load_tokenizer()
     ids, valid = left_pad(prompts, tok.token_to_id(PAD))
-    g = torch.Generator().manual_seed(train.rollout_seed(0, 0, 1))
+    g = torch.Generator().manual_seed(rollout_seed(0, 0, 1))
     ref = generate(load_pretrained(teacher), ids, valid, 6, tok.token_to_id(EOS), tok.token_to_id(PAD),
                    temperature=1.0, generator=g)
     assert batch.completions() == ref.completions() and not batch.on_policy.any() and scored == []
@@ -315,8 +344,8 @@ def test_speculative_kd_rows_are_the_teacher_corrected_rollouts(ckpts, tmp_path,
     prompts, batch = packed[0]
     ids, valid = left_pad(prompts[:4], 0)
     ref = generate(load_pretrained(student), ids, valid, 6, 2, 0, temperature=1.0, teacher=load_pretrained(teacher),
-                   skd_top_k=10, generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 0)),
-                   teacher_generator=torch.Generator().manual_seed(train.rollout_seed(0, 0, 0) + (1 << 48)))
+                   skd_top_k=10, generator=torch.Generator().manual_seed(rollout_seed(0, 0, 0)),
+                   teacher_generator=torch.Generator().manual_seed(rollout_seed(0, 0, 0) + (1 << 48)))
     assert batch.completions()[:4] == ref.completions()
     assert batch.completion_values(batch.kept)[:4] == ref.completion_values(ref.kept)
     assert not batch.kept[4:].any() and batch.on_policy.tolist() == [True] * 4 + [False] * 4

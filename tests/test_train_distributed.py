@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -58,6 +59,56 @@ def test_two_processes_compute_what_one_does(sharp_ckpts, tmp_path, loss, extra)
         assert move > 0 and (wa[k] - wb[k]).abs().max().item() <= 0.01 * move, k
     with open(os.path.join(outs[2], "args.json")) as f:
         assert json.load(f)["world_size"] == 2
+
+
+# Global rows a b a c: with 2 processes rank 0 holds a twice (rows 0 and 2), rank 1 holds b and c, so only
+# rank 0 has a repeated prompt to prefill once. Every rank must still run the same FSDP forwards.
+ONE_RANK_REPEATS = """
+import sys
+sys.path.insert(0, {root!r})
+import rollout, train
+
+def rows(problems, step, args, n_on, fmt, rank, world, mix=None):
+    a, b, c = problems[3 * step:3 * step + 3]
+    probs = [a, b, a, c] * (args.batch_size // 4)
+    out = [rollout.Row(fmt.prompt_ids(n, t), None if i < n_on else fmt.answer_ids(s), i < n_on, (n, t, s))
+           for i, (n, t, s) in enumerate(probs)]
+    return out[rank::world]
+
+train.step_rows = rows
+train.main()
+"""
+
+
+@pytest.mark.parametrize("stage,extra", [("distill", ["--lmbda", "1"]),
+                                         ("distill", ["--lmbda", "0.5", "--loss", "jsd", "--seq-kd"]),
+                                         ("sft", ["--n-layer", "1", "--n-head", "2", "--d-model", "32"])])
+def test_a_prompt_repeated_on_one_rank_only_trains_what_one_process_does(sharp_ckpts, tmp_path, stage, extra):
+    """The prompt sharing (one prefill per distinct prompt) is agreed by the ranks: when only one rank's rows
+    repeat a prompt, both take the shared path, and 2 processes train what 1 does."""
+    teacher, student = sharp_ckpts
+    script = tmp_path / "one_rank_repeats.py"
+    script.write_text(ONE_RANK_REPEATS.format(root=ROOT))
+    models = ["--teacher", teacher] + (["--student", student] if stage == "distill" else [])
+    outs = {}
+    for n in (1, 2):
+        outs[n] = str(tmp_path / f"np{n}")
+        cmd = [sys.executable, str(script)] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+        r = subprocess.run([*cmd, "--stage", stage, *models, "--out", outs[n], "--steps", "2", "--batch-size", "4",
+                            "--max-new-tokens", "6", "--eval-n", "4", "--eval-every", "0", "--warmup", "1", *extra],
+                           capture_output=True, text=True, cwd=ROOT, env=dict(ENV, OPD_DIST_TIMEOUT_S="60"),
+                           timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = ([(m["step"], m["loss"], m["grad_norm"]) for m in records(outs[n]) if "loss" in m] for n in (1, 2))
+    assert [s for s, *_ in one] == [s for s, *_ in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert a[1] == pytest.approx(b[1], rel=1e-4, abs=1e-6) and a[2] == pytest.approx(b[2], rel=1e-4)
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_compiled_rollouts_train_what_eager_ones_do(sharp_ckpts, tmp_path):
@@ -115,7 +166,7 @@ def test_torchrun_restart_resumes_by_itself(sharp_ckpts, tmp_path):
     teacher, student = sharp_ckpts
     out = str(tmp_path / "run")
     args = ["--teacher", teacher, "--student", student, "--out", out, "--save-every", "2", *DISTILL_ARGS]
-    run("train.py", *args, "--steps", "2")
+    run("train.py", *args, "--steps", "4", "--max-minutes", "1e-9")  # as if it died after saving step 1
     env = dict(ENV, TORCHELASTIC_RESTART_COUNT="1")
     r = run("train.py", *args, "--steps", "4", check=False, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
