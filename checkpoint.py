@@ -357,7 +357,11 @@ def check_resume(saved, args, path):
     learning-rate schedule (a changed --steps, --warmup, --lr or --min-lr-frac moves every later step's
     rate) or the adapters (the training state holds them unmerged). saved: the run's args, from its
     training state."""
-    for name in ("steps", "warmup", "lr", "min_lr_frac", "lora_rank", "lora_alpha"):
+    have, want = (saved.get("lora_rank"), saved.get("lora_alpha")), (args.lora_rank, args.lora_alpha)
+    if "lora_rank" in saved and have != want:
+        show = lambda r, a: f"--lora-rank {r} --lora-alpha {a:g}" if r else "no --lora-rank"  # noqa: E731
+        raise CheckpointError(f"--resume: {path} was trained with {show(*have)}, not {show(*want)}")
+    for name in ("steps", "warmup", "lr", "min_lr_frac"):
         if name in saved and saved[name] != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(f"--resume: {path} was trained with {flag} {saved[name]}, not {getattr(args, name)}; "

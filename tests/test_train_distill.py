@@ -5,6 +5,7 @@ reverse KL."""
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
