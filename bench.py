@@ -389,8 +389,8 @@ def bench_checkpoints(args, load):
     fp32 on CPU (--dtype bf16: autocast). Measures the rollout's tokens/s (eager, and with --compile the
     compiled step, side by side), train.py's step split into its parts with its MFU, and the step's peak
     memory above its start (weights and optimizer state; the gradients are made during the step) with the
-    head fused into the loss (train.py) and with both models' logits whole (unfused_distill_step), at
-    --new-tokens and at twice as many."""
+    head fused into the loss (train.py), with it and --activation-checkpointing, and with both models'
+    logits whole (unfused_distill_step), at --new-tokens and at twice as many."""
     fixed_mmap_threshold()
     w = machine(args)
     measure_peak(w)
@@ -421,10 +421,10 @@ def checkpoint_step(w, N):
     """At N new tokens per row: the rollout's tokens/s (eager, and compiled with --compile), train_step's
     parts, FLOPs and MFU, and its peak memory above its start, fused and unfused."""
     args, B, student, teacher = w.args, w.args.batch_size, w.student, w.teacher
-    targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B),
-                              "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", str(N),
-                              "--lr", "1e-6", "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull] +
-                             ["--compile"] * args.compile)
+    argv = (["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B), "--samples-per-prompt",
+             str(args.samples_per_prompt), "--max-new-tokens", str(N), "--lr", "1e-6", "--warmup", "0", "--seed",
+             str(args.seed), "--out", os.devnull] + ["--compile"] * args.compile)
+    targs = train.parse_args(argv)
     run = train.Run(targs, None, None, False, None, 0, 1, w.device, 0, -1,
                     head_weight(teacher, torch.bfloat16 if w.bf16 else None))
     rows = [Row(p, None, True, None) for p in w.prompts]
@@ -443,6 +443,13 @@ def checkpoint_step(w, N):
         with Peak() as fused, step_as_benched(w):
             out = train.train_step(0, rows, student, teacher, w.optimizer, run)
         parts.append(dict(out["times"], peak_above_mb=fused.above / 2 ** 20))
+    recompute = train.Run(**vars(run) | {"args": train.parse_args([*argv, "--activation-checkpointing"])})
+    student.checkpoint_blocks = True  # what train.py sets for --activation-checkpointing
+    with Peak() as ac, step_as_benched(w):
+        t0 = time.perf_counter()
+        out_ac = train.train_step(0, rows, student, teacher, w.optimizer, recompute)
+        t_ac = time.perf_counter() - t0
+    student.checkpoint_blocks = False
     with w.amp():
         batch, _ = make_batch(0, rows, student, teacher, run)
     with Peak() as unfused, w.amp():
@@ -452,7 +459,8 @@ def checkpoint_step(w, N):
     res = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()}, step_s=step_s,
                parts_s={k: med[k] for k in out["times"]}, step_gflop=out["flops"] / 1e9,
                step_mfu=out["flops"] / step_s / (w.peak * 1e9), peak_above_mb_fused=med["peak_above_mb"],
-               peak_above_mb_unfused=unfused.above / 2 ** 20)
+               peak_above_mb_unfused=unfused.above / 2 ** 20, peak_above_mb_recompute=ac.above / 2 ** 20,
+               step_s_recompute=t_ac, step_gflop_recompute=out_ac["flops"] / 1e9)
     if args.compile:
         res["compile_s"] = t_first["compiled"] - t_roll["compiled"]["s"]
     return res
@@ -468,7 +476,7 @@ def print_checkpoints(args, res, load, w):
     print(f"matmul peak ({w.matmul_n}^3 {args.dtype}): {w.peak:.1f} GFLOP/s")
     print(f"{'N new':>6}{'rollout tok/s':>15}" + (f"{'compiled':>10}" if args.compile else "") +
           f"{'step s':>8}{'rollout':>9}{'teacher':>9}{'student':>9}{'optim':>7}{'GFLOP':>8}{'MFU':>7}"
-          f"{'peak above start, fused':>25}{'unfused':>9}")
+          f"{'peak above start, fused':>25}{'unfused':>9}{'recomputed':>12}{'its step s':>11}")
     for N in (args.new_tokens, 2 * args.new_tokens):
         r = res[f"new_tokens_{N}"]
         tok_s = r["rollout_tok_s"]
@@ -477,13 +485,14 @@ def print_checkpoints(args, res, load, w):
                   f"{r['parts_s'][k]:>9.3f}" if k != "optimizer" else f"{r['parts_s'][k]:>7.3f}"
                   for k in ("rollout", "teacher", "student", "optimizer")) +
               f"{r['step_gflop']:>8.0f}{r['step_mfu']:>7.1%}{r['peak_above_mb_fused']:>21.0f} MiB"
-              f"{r['peak_above_mb_unfused']:>5.0f} MiB")
+              f"{r['peak_above_mb_unfused']:>5.0f} MiB{r['peak_above_mb_recompute']:>8.0f} MiB"
+              f"{r['step_s_recompute']:>11.3f}")
     if args.compile:
         print("compiling the decode step took " + ", ".join(f"{res[f'new_tokens_{N}']['compile_s']:.1f} s (N {N})"
                                                             for N in (args.new_tokens, 2 * args.new_tokens)))
     print("(peak above start: " + ("CUDA max allocated" if w.cuda else "the process's RSS, sampled,") + " during the "
           "step over its value before; the step makes the gradients, so subtract those for the activations and "
-          "loss alone)")
+          "loss alone; recomputed: the fused step with --activation-checkpointing, one run)")
 
 # ------------------------------------------------------------------------------ the reference workload
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -308,6 +309,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.checkpoint_blocks = False  # activation checkpointing (train.py --activation-checkpointing)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -366,11 +368,12 @@ class GPT(nn.Module):
                 last_mask = mask[:, :, out_from:]
         x = self.embed(idx)
         n = len(self.blocks)
+        # activation checkpointing: a block keeps only its input and runs again in backward; not with a cache,
+        # which a second run would extend again
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            if i == n - 1 and out_from:
-                x = block(x, cos, sin, last_mask, cache, i, out_from)
-            else:
-                x = block(x, cos, sin, mask, cache, i)
+            args = (x, cos, sin, last_mask, cache, i, out_from) if i == n - 1 and out_from else (x, cos, sin, mask, cache, i)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)

@@ -61,6 +61,13 @@ class Batch:
         """The sampling-time logprobs of each row's completion tokens, as lists (aligned with completions)."""
         return self.completion_values(self.logprobs)
 
+    def select(self, rows):
+        """Rows `rows` (a slice) as a batch of their own (a micro-batch), cut after the last column they use."""
+        T = max(self.prompt_len + 1, int(self.valid[rows].any(0).nonzero().max()) + 1)
+        cut = lambda t: None if t is None else t[rows, :T]  # noqa: E731
+        return Batch(cut(self.tokens), cut(self.valid), cut(self.mask), self.prompt_len, cut(self.logprobs),
+                     self.on_policy[rows], cut(self.kept))
+
     def completion_values(self, t):
         """t [B, P+N] at each row's completion tokens, as lists (aligned with completions)."""
         out = []
@@ -159,6 +166,8 @@ def start_decoding(model, ids, pos, valid, cache_len, groups, compile):
     if not compile:
         return logits, lambda tok, p, live: decode_step(model, tok, p, live, cache)
     cache, step = static_cache(model, cache), compiled_decode_step(ids.device.type)
+    if ids.device.type != "cuda":
+        return logits, lambda tok, p, live: step(model, tok, p, live, cache)
     # a CUDA graph's output is overwritten by the next replay of any graph of the pool (the teacher's step,
     # with speculative KD): copy it out
     return logits, lambda tok, p, live: step(model, tok, p, live, cache).clone()

@@ -133,6 +133,10 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 20")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--micro-batch-size", type=int, default=0, help="rows per process in one forward and backward "
+                   "(teacher scoring, student, loss); the step accumulates their gradients (0 = all at once)")
+    g.add_argument("--activation-checkpointing", action="store_true", help="keep only each student block's "
+                   "input in forward and recompute the block in backward: less memory for ~1/3 more student FLOPs")
     g = p.add_argument_group("eval, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=None, help="val accuracy every N steps (0 = only at the end)")
     g.add_argument("--eval-n", type=int, default=0, help="val (and distill's test) problems to evaluate (0 = all)")
@@ -166,6 +170,8 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if args.lr <= 0 or not 0 <= args.min_lr_frac <= 1 or args.warmup < 0 or args.eval_every < 0:
         p.error("need --lr > 0, 0 <= --min-lr-frac <= 1, --warmup >= 0, --eval-every >= 0")
+    if args.micro_batch_size < 0:
+        p.error(f"--micro-batch-size must be >= 0, got {args.micro_batch_size}")
     if not 0 <= args.lmbda <= 1:
         p.error(f"--lmbda must be in [0, 1], got {args.lmbda}")
     n_on = args.lmbda * args.batch_size
@@ -221,13 +227,14 @@ class Run:
 
 def train_step(step, rows, model, teacher, optimizer, run):
     """One optimizer step on this rank's rows (teacher: None, or only a sampler for sft --seq-kd, unless
-    distilling). Returns the step's metrics summed over ranks, its FLOPs (flops.py) and each part's seconds."""
+    distilling), --micro-batch-size rows at a time from the teacher on. Returns the step's metrics summed
+    over ranks, its FLOPs (flops.py) and each part's seconds."""
     args, distill, times, t = run.args, run.args.stage == "distill", {}, time.perf_counter()
 
     def lap(part):
         nonlocal t
         run.sync()
-        times[part], t = time.perf_counter() - t, time.perf_counter()
+        times[part], t = times.get(part, 0.0) + time.perf_counter() - t, time.perf_counter()
 
     batch, flops = make_batch(step, rows, model, teacher, run)
     n_tok = all_sum(batch.mask.sum().item(), run.device)  # completion tokens of the whole step, all ranks
@@ -237,36 +244,47 @@ def train_step(step, rows, model, teacher, optimizer, run):
     if args.stage == "rl" or args.reward_weight:
         reward_adv = step_reward_advantage(reward, args.samples_per_prompt, args.adv_norm, run.rank, run.world)
     lap("rollout")
-    groups = shared_prompts(batch)  # each distinct prompt runs once in the forwards below
-    t_out, cb = teacher_scores(teacher, batch, rows, groups, run) if distill else (None, None)
-    lap("teacher")
-    if cb is None:  # the objective runs as the student's head: logits only a chunk of positions at a time
-        objective = OBJECTIVES[args.stage]
-        loss, rkl = forward_from(model, batch.tokens, batch.pos, batch.valid, batch.prompt_len, groups=groups,
-                                 cache_cls=GradKV, head=lambda h, w: objective(h, w, batch, n_tok, run, t_out,
-                                                                              reward_adv))
-    else:  # another tokenizer: both models' logits of the whole text, span-aligned
-        s_logits = forward_from(model, batch.tokens, batch.pos, batch.valid, 1)
-        loss, rkl = cross_distill_loss(s_logits, t_out, batch, cb, run.shared, n_tok, args)
-    (loss * run.world).backward()  # FSDP averages gradients over ranks; the loss is already per step token
-    lap("student")
+    loss, rkl, one_to_one = 0.0, 0.0, 0
+    for sl in micro_batches(len(rows), args.micro_batch_size):  # the same count on every rank
+        mb, adv = batch.select(sl), reward_adv[sl] if reward_adv is not None else None
+        groups = shared_prompts(mb)  # each distinct prompt runs once in the forwards below
+        t_out, cb = teacher_scores(teacher, mb, rows[sl], groups, run) if distill else (None, None)
+        lap("teacher")
+        if cb is None:  # the objective runs as the student's head: logits only a chunk of positions at a time
+            objective = OBJECTIVES[args.stage]
+            mb_loss, mb_rkl = forward_from(model, mb.tokens, mb.pos, mb.valid, mb.prompt_len, cache_cls=GradKV,
+                                           head=lambda h, w: objective(h, w, mb, n_tok, run, t_out, adv),
+                                           groups=None if args.activation_checkpointing else groups)
+        else:  # another tokenizer: both models' logits of the whole text, span-aligned
+            s_logits = forward_from(model, mb.tokens, mb.pos, mb.valid, 1)
+            mb_loss, mb_rkl = cross_distill_loss(s_logits, t_out, mb, cb, run.shared, n_tok, args)
+            one_to_one += cb.one_to_one.sum().item()
+        (mb_loss * run.world).backward()  # FSDP averages gradients over ranks; the loss is already per step token
+        lap("student")
+        loss, rkl = loss + mb_loss.detach(), rkl + (mb_rkl.detach() if mb_rkl is not None else 0.0)
+        flops += flops_train_step(model.cfg, teacher.cfg if distill else None, mb,
+                                  len(groups[0]) if groups is not None else len(mb.tokens), cb and cb.teacher,
+                                  args.loss == "sampled", args.activation_checkpointing)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lap("optimizer")
-    flops += flops_train_step(model.cfg, teacher.cfg if distill else None, batch,
-                              len(groups[0]) if groups is not None else len(batch.tokens), cb and cb.teacher,
-                              args.loss == "sampled")
-    return step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, cb, run)
+    return step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, one_to_one, run)
 
 
-def step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, cb, run):
+def micro_batches(n, size):
+    """Slices of n rows, `size` at a time (0: all at once)."""
+    size = size or n
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, one_to_one, run):
     """A step's metrics, summed over ranks: what train_step returns."""
     args, device = run.args, run.device
     n_on = round(all_sum(batch.on_policy.sum().item(), device))
-    out = dict(loss=all_sum(loss.item(), device), lr=lr_at(step, args), grad_norm=float(gnorm),
+    out = dict(loss=all_sum(float(loss), device), lr=lr_at(step, args), grad_norm=float(gnorm),
                tokens=all_sum(batch.valid.sum().item(), device), flops=all_sum(flops, device), samples=n_on,
                times=times)
     if reward is not None:  # the verifier on the student's own samples
@@ -274,12 +292,12 @@ def step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, cb,
     if args.stage == "distill":  # what the student does on its own samples
         n_on_tok = all_sum((batch.mask & batch.on_policy[:, None]).sum().item(), device)
         out |= dict(on_policy_frac=n_on / args.batch_size,
-                    student_rkl=all_sum(rkl.item(), device) / n_on_tok if n_on_tok else None,
+                    student_rkl=all_sum(float(rkl), device) / n_on_tok if n_on_tok else None,
                     completion_len=n_tok / args.batch_size)
         if batch.kept is not None:  # speculative KD: the share of the student's proposals the teacher kept
             out["skd_accept"] = all_sum(batch.kept.sum().item(), device) / n_on_tok if n_on_tok else None
-        if cb is not None:  # share of completion tokens in spans of one token on each side
-            out["one_to_one_frac"] = all_sum(cb.one_to_one.sum().item(), device) / n_tok
+        if run.cross:  # share of completion tokens in spans of one token on each side
+            out["one_to_one_frac"] = all_sum(one_to_one, device) / n_tok
     return out
 
 
@@ -353,6 +371,7 @@ def setup(args):
     if args.batch_size % world or n_on % args.samples_per_prompt or n_on % world:
         fail(f"--batch-size {args.batch_size} and its {n_on} on-policy rows (--lmbda x --batch-size) must be "
              f"multiples of the {world} processes, and the on-policy rows of --samples-per-prompt")
+    student.checkpoint_blocks = args.activation_checkpointing
     model = shard(student.to(device), device)
     teacher = shard(teacher.to(device), device) if teacher is not None else None
     run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,

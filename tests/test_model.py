@@ -172,6 +172,7 @@ def test_hf_family_matches_transformers(tmp_path, family, tied):
         assert out.tokens[i, ids.size(1):].tolist() == want.tolist()
 
 
+@pytest.mark.slow  # ~45 s; the converter's tests check the same logits against transformers' GGUF load
 @torch.no_grad()
 def test_smollm2_matches_transformers(smollm2_dir, smollm2_transformers):
     """SmolLM2-135M-Instruct (converted from the GGUF): the same fp32 logits as transformers on a left-padded

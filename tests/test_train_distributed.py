@@ -111,6 +111,7 @@ def records(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # ~60 s of compiling; tests/test_rollout.py checks the compiled step against the eager one
 def test_compiled_rollouts_train_what_eager_ones_do(sharp_ckpts, tmp_path):
     """--compile: the rollouts decode on a plain replica of the sharded student, refreshed every step, with
     the compiled step over a static cache (the student's rows, and the teacher's seq-KD rows on its own
