@@ -31,8 +31,14 @@ class GradCapture:
 
 @pytest.fixture(scope="module", autouse=True)
 def group_of_one():
-    if not dist.is_initialized():  # train_step sums its metrics over ranks
+    """train_step sums its metrics over ranks: a process group of one, gone afterwards (train.main, run
+    in-process by other tests, starts its own)."""
+    own = not dist.is_initialized()
+    if own:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if own:
+        dist.destroy_process_group()
 
 
 def step_grads(argv, checkpointing=False):
