@@ -391,7 +391,7 @@ def bench_checkpoints(args, load):
     memory above its start (weights and optimizer state; the gradients are made during the step) with the
     head fused into the loss (train.py), with it and --activation-checkpointing, and with both models'
     logits whole (unfused_distill_step), at --new-tokens and at twice as many."""
-    fixed_mmap_threshold()
+    fixed_mmap_threshold()  # from the start: heap pages freed before it would hide later peaks from the RSS
     w = machine(args)
     measure_peak(w)
     teacher, _ = load_teacher(args.teacher)
@@ -412,22 +412,39 @@ def bench_checkpoints(args, load):
                vocab=V, grad_mb=grad_mb)
     with group_of_one(w.device):
         for N in (args.new_tokens, 2 * args.new_tokens):
-            res[f"new_tokens_{N}"] = checkpoint_step(w, N)
+            res[f"new_tokens_{N}"] = checkpoint_times(w, N) | checkpoint_memory(w, N)
     print_checkpoints(args, res, load, w)
     print(json.dumps(rounded(res)))
 
 
-def checkpoint_step(w, N):
-    """At N new tokens per row: the rollout's tokens/s (eager, and compiled with --compile), train_step's
-    parts, FLOPs and MFU, and its peak memory above its start, fused and unfused."""
-    args, B, student, teacher = w.args, w.args.batch_size, w.student, w.teacher
-    argv = (["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(B), "--samples-per-prompt",
-             str(args.samples_per_prompt), "--max-new-tokens", str(N), "--lr", "1e-6", "--warmup", "0", "--seed",
-             str(args.seed), "--out", os.devnull] + ["--compile"] * args.compile)
-    targs = train.parse_args(argv)
+def checkpoint_run(w, N, *flags):
+    """(train.Run, the rows) of a lambda = 1 step at N new tokens per row, with these extra train.py flags."""
+    args = w.args
+    targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(args.batch_size),
+                              "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", str(N), "--lr",
+                              "1e-6", "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull, *flags] +
+                             ["--compile"] * args.compile)
     run = train.Run(targs, None, None, False, None, 0, 1, w.device, 0, -1,
-                    head_weight(teacher, torch.bfloat16 if w.bf16 else None))
-    rows = [Row(p, None, True, None) for p in w.prompts]
+                    head_weight(w.teacher, torch.bfloat16 if w.bf16 else None))
+    return run, [Row(p, None, True, None) for p in w.prompts]
+
+
+def recomputing(w, run, rows):
+    """train_step with --activation-checkpointing (what train.py sets on the student for it)."""
+    w.student.checkpoint_blocks = True
+    try:
+        with step_as_benched(w):
+            return train.train_step(0, rows, w.student, w.teacher, w.optimizer, run)
+    finally:
+        w.student.checkpoint_blocks = False
+
+
+def checkpoint_times(w, N):
+    """At N new tokens per row: the rollout's tokens/s (eager, and compiled with --compile), train_step's
+    parts, FLOPs and MFU, with and without activation checkpointing. Nothing samples the memory meanwhile:
+    PeakRSS's polling thread takes the interpreter from the step's Python (the decode loop) and slows it."""
+    args, B, student, teacher = w.args, w.args.batch_size, w.student, w.teacher
+    run, rows = checkpoint_run(w, N)
     with step_as_benched(w):
         train.train_step(0, rows, student, teacher, w.optimizer, run)  # warm-up; AdamW allocates its state
     ids, valid = left_pad(w.prompts, 0, w.device)
@@ -438,32 +455,40 @@ def checkpoint_step(w, N):
     fns = {"eager": rollout_fn(False)} | ({"compiled": rollout_fn(True)} if args.compile else {})
     t_first = {k: fn()[0]["s"] for k, fn in fns.items()}  # warm-up: the compiled step compiles here
     t_roll, _ = median_times(fns, args.repeats, warmups={k: lambda: None for k in fns})
-    Peak, parts = PeakCUDA if w.cuda else PeakRSS, []
+    parts = []
     for _ in range(args.repeats):
-        with Peak() as fused, step_as_benched(w):
+        with step_as_benched(w):
             out = train.train_step(0, rows, student, teacher, w.optimizer, run)
-        parts.append(dict(out["times"], peak_above_mb=fused.above / 2 ** 20))
-    recompute = train.Run(**vars(run) | {"args": train.parse_args([*argv, "--activation-checkpointing"])})
-    student.checkpoint_blocks = True  # what train.py sets for --activation-checkpointing
-    with Peak() as ac, step_as_benched(w):
-        t0 = time.perf_counter()
-        out_ac = train.train_step(0, rows, student, teacher, w.optimizer, recompute)
-        t_ac = time.perf_counter() - t0
-    student.checkpoint_blocks = False
-    with w.amp():
-        batch, _ = make_batch(0, rows, student, teacher, run)
-    with Peak() as unfused, w.amp():
-        unfused_distill_step(student, teacher, batch, w.optimizer, targs)
+        parts.append(out["times"])
+    recompute_run, _ = checkpoint_run(w, N, "--activation-checkpointing")
+    t0 = time.perf_counter()
+    out_ac = recomputing(w, recompute_run, rows)
+    t_ac = time.perf_counter() - t0
     med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    step_s = sum(med[k] for k in out["times"])
-    res = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()}, step_s=step_s,
-               parts_s={k: med[k] for k in out["times"]}, step_gflop=out["flops"] / 1e9,
-               step_mfu=out["flops"] / step_s / (w.peak * 1e9), peak_above_mb_fused=med["peak_above_mb"],
-               peak_above_mb_unfused=unfused.above / 2 ** 20, peak_above_mb_recompute=ac.above / 2 ** 20,
+    step_s = sum(med.values())
+    res = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()}, step_s=step_s, parts_s=med,
+               step_gflop=out["flops"] / 1e9, step_mfu=out["flops"] / step_s / (w.peak * 1e9),
                step_s_recompute=t_ac, step_gflop_recompute=out_ac["flops"] / 1e9)
     if args.compile:
         res["compile_s"] = t_first["compiled"] - t_roll["compiled"]["s"]
     return res
+
+
+def checkpoint_memory(w, N):
+    """At N new tokens per row, one run each: the step's peak memory above its start with the head fused into
+    the loss (train.py), with that and activation checkpointing, and with both models' logits whole."""
+    Peak = PeakCUDA if w.cuda else PeakRSS
+    run, rows = checkpoint_run(w, N)
+    with Peak() as fused, step_as_benched(w):
+        train.train_step(0, rows, w.student, w.teacher, w.optimizer, run)
+    with Peak() as ac:
+        recomputing(w, checkpoint_run(w, N, "--activation-checkpointing")[0], rows)
+    with w.amp():
+        batch, _ = make_batch(0, rows, w.student, w.teacher, run)
+    with Peak() as unfused, w.amp():
+        unfused_distill_step(w.student, w.teacher, batch, w.optimizer, run.args)
+    return dict(peak_above_mb_fused=fused.above / 2 ** 20, peak_above_mb_recompute=ac.above / 2 ** 20,
+                peak_above_mb_unfused=unfused.above / 2 ** 20)
 
 
 def print_checkpoints(args, res, load, w):

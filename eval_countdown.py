@@ -90,12 +90,20 @@ def rewards(batch, rows, fmt):
 N_EXAMPLES = 3  # test answers printed before and after training, side by side
 
 
+def eval_batch_size(n, world, largest=512):
+    """Rows per decode batch when `world` ranks split n problems (rank r takes r::world): up to `largest`,
+    and such that every rank runs as many batches, since each decode step is a collective."""
+    most, fewest = -(-n // world), n // world
+    n_batches = -(-most // largest)
+    return largest if -(-fewest // largest) == n_batches else -(-most // n_batches)
+
+
 def evaluate(model, fmt, problems, run, max_new_tokens, examples=None):
     """Greedy accuracy on `problems` in the model's format. examples: a list that receives this rank's first
     answers (problem, answer text), to show what the model writes."""
     with torch.no_grad(), decoding(model):
-        rows = countdown_eval(model, fmt, problems[run.rank::run.world], batch_size=512,
-                              max_new_tokens=max_new_tokens)
+        rows = countdown_eval(model, fmt, problems[run.rank::run.world],
+                              batch_size=eval_batch_size(len(problems), run.world), max_new_tokens=max_new_tokens)
     if examples is not None:
         examples += [(r["prompt"], r["answer"]) for r in rows[:N_EXAMPLES]]
     s = summarize(rows)

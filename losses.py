@@ -21,7 +21,7 @@ RL (train.py --stage rl) is the same policy gradient with a sequence-level advan
 reward (reward_advantage) in place of the teacher's log-ratio; distillation plus reward adds the two.
 
 One normalisation for every loss: the sum over the completion tokens of the optimizer step divided by
-their count (`n_tokens`, all ranks), never a per-sequence mean.
+their count (`n_tokens`, all micro-batches and ranks), never a per-sequence mean.
 Teachers with another tokenizer: crosstok.py. A new divergence is one registered function (below).
 """
 import math

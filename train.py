@@ -368,6 +368,8 @@ def setup(args):
     except ValueError as e:
         fail(str(e))
     n_on = on_policy_rows(args)
+    if args.eval_n and args.eval_n < world:  # every rank decodes some of them
+        fail(f"--eval-n {args.eval_n} is below the {world} processes")
     if args.batch_size % world or n_on % args.samples_per_prompt or n_on % world:
         fail(f"--batch-size {args.batch_size} and its {n_on} on-policy rows (--lmbda x --batch-size) must be "
              f"multiples of the {world} processes, and the on-policy rows of --samples-per-prompt")

@@ -106,3 +106,14 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     assert eval_countdown.main(["--plot", d, "--out", str(tmp_path / "p.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["eval_countdown.py: error: --plot needs matplotlib (pip install matplotlib)"]
+
+
+def test_every_rank_decodes_in_as_many_batches():
+    """Each decode step is a collective: ranks that ran different numbers of batches would never pair up."""
+    from eval_countdown import eval_batch_size
+    for world in (1, 2, 3, 4, 8):
+        for n in [*range(world, 60), 511, 512, 513, 1023, 1024, 1025, 1026, 1027, 1537, 2902, 5000]:
+            size = eval_batch_size(n, world, largest=512)
+            counts = {-(-len(range(r, n, world)) // size) for r in range(world)}
+            assert len(counts) == 1 and 1 <= size <= 512, (n, world, size, counts)
+    assert eval_batch_size(630, 1) == 512  # one process decodes as it always did
