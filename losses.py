@@ -414,7 +414,8 @@ def sampled_token_loss(s_logprobs, old_logprobs, t_logprobs, mask, n_tokens):
 def sft_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
     """Cross-entropy of the given completions."""
     c = batch.prompt_len
-    return -head_token_logprobs(h, w, batch.tokens[:, c:], batch.mask[:, c:], run.args.chunk_size).sum() / n_tokens, None
+    lp = head_token_logprobs(h, w, batch.tokens[:, c:], batch.mask[:, c:], run.args.chunk_size)
+    return -lp.sum() / n_tokens, None
 
 
 def rl_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):

@@ -372,7 +372,8 @@ class GPT(nn.Module):
         # which a second run would extend again
         recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            args = (x, cos, sin, last_mask, cache, i, out_from) if i == n - 1 and out_from else (x, cos, sin, mask, cache, i)
+            last = i == n - 1 and out_from
+            args = (x, cos, sin, last_mask, cache, i, out_from) if last else (x, cos, sin, mask, cache, i)
             x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         if cache is not None:
             cache.advance(T)

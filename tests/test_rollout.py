@@ -266,3 +266,29 @@ def test_speculative_rollout_ends():
     one = skd(1)
     assert torch.equal(one.tokens, greedy.tokens) and not torch.equal(one.tokens, plain.tokens)
     assert 0 < one.kept.sum() < one.mask.sum()  # some proposals were the teacher's greedy token
+
+
+def test_a_rollout_scheme_registered_in_rollouts_is_a_train_flag_and_makes_the_batch(monkeypatch):
+    """A new way to make the on-policy rows' completions is one function in rollout.ROLLOUTS: --rollout
+    accepts its name and make_batch packs what it returns (here: the student's greedy decode)."""
+    import os
+    import rollout
+    import train
+    from data.countdown import CharFormat, load_split, load_tokenizer
+
+    def greedy_rollout(model, teacher, prompts, run, step):
+        ids, valid = left_pad(prompts, run.pad)
+        b = generate(model, ids, valid, run.args.max_new_tokens, run.eos, run.pad, temperature=0.0)
+        return b.completions(), b.completion_logprobs(), 0, None
+    monkeypatch.setitem(rollout.ROLLOUTS, "greedy", greedy_rollout)
+    args = train.parse_args(["--rollout", "greedy", "--lmbda", "0.5", "--batch-size", "4", "--max-new-tokens", "5",
+                             "--out", os.devnull])
+    fmt = CharFormat(load_tokenizer())
+    run = train.Run(args, fmt, fmt, False, None, 0, 1, torch.device("cpu"), fmt.pad_id, fmt.eos_ids, None)
+    rows = rollout.step_rows(load_split("train"), 0, args, 2, fmt, 0, 1)
+    model = tiny_model(seed=3)
+    batch, _ = rollout.make_batch(0, rows, model, None, run)
+    ids, valid = left_pad([r.prompt for r in rows[:2]], fmt.pad_id)
+    want = generate(model, ids, valid, 5, fmt.eos_ids, fmt.pad_id, temperature=0.0).completions()
+    assert batch.completions()[:2] == want and batch.on_policy.tolist() == [True, True, False, False]
+    assert batch.completions()[2:] == [r.answer for r in rows[2:]]
