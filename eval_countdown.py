@@ -9,7 +9,8 @@
     python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
 
 train.py's evals live here too: the verifier's reward on a batch (rewards), val and test accuracy
-(evaluate), the student's held-out reverse KL to the teacher (evaluate_rkl), and what a run logs at its
+(evaluate), how far the student is from the teacher on held-out prompts (evaluate_teacher_gap: reverse
+KL on its samples, forward KL on the teacher's, greedy agreement, repetition), and what a run logs at its
 start and end.
 
 The checkpoint's Countdown format comes with it (chat.load_chat, data.countdown.countdown_format): the
@@ -26,6 +27,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from chat import load_chat
 from checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
@@ -111,27 +113,71 @@ def evaluate(model, fmt, problems, run, max_new_tokens, examples=None):
     return {k: all_sum(s[k] * s["n"], run.device) / n for k in ("accuracy", "format_valid", "mean_tokens")}
 
 
-def evaluate_rkl(model, teacher, problems, run):
-    """The student's mean per-token reverse KL to the teacher, KL(p_S || p_T) over the full vocabularies, on
-    its own samples (fixed noise: steps -1, -2, ..., which no training step uses) for held-out prompts: what
-    on-policy distillation lowers. Same-tokenizer teachers only (None otherwise)."""
+def evaluate_teacher_gap(model, teacher, problems, run, max_new_tokens):
+    """How far the student is from the teacher on held-out prompts, in measures a degenerate student cannot
+    game (same-tokenizer teachers; rkl None otherwise). Sampling noise is fixed (steps -1, -2, ...: no training
+    step uses them), so evals of one run compare.
+      rkl                the student's per-token KL(p_S || p_T) on its own samples: what on-policy
+                         distillation lowers, and what a student collapsed onto one safe mode also lowers
+      fkl                its per-token KL(p_T || p_S) on the teacher's samples: mode covering, so a
+                         collapsed student pays for every mode of the teacher it dropped
+      greedy_agreement   the share of prompts whose greedy reply (up to its end) is the teacher's
+      top1_agreement     the share of the teacher's greedy reply tokens that are the student's argmax too
+      distinct2          distinct token bigrams / all bigrams of the student's samples (repetition lowers it)
+      teacher_distinct2  the same of the teacher's samples: what distinct2 should stay near"""
     if run.cross:
-        return None
+        return {"rkl": None}
     problems = problems[:len(problems) // run.world * run.world]  # every rank decodes as many rows
     prompts = [run.fmt.prompt_ids(n, t) for n, t, _ in problems]
-    total, count, B = 0.0, 0, run.args.batch_size
+    sums, B = dict(rkl=0.0, rkl_n=0, fkl=0.0, fkl_n=0, same=0, rows=0, top1=0, top1_n=0), run.args.batch_size
+    samples = {"distinct2": [], "teacher_distinct2": []}
     with torch.no_grad():
         for i in range(0, len(prompts), B):
             mine = prompts[i:i + B][run.rank::run.world]
-            completions, logprobs, _, _ = sample(model, mine, run, -1 - i // B, 0)
-            batch = pack(mine, completions, run.pad, run.device, logprobs=logprobs, on_policy=[True] * len(mine))
-            t_h, _ = teacher_scores(teacher, batch, None, shared_prompts(batch), run)
-            m = batch.mask[:, batch.prompt_len:]
-            total += forward_from(model, batch.tokens, batch.pos, batch.valid, batch.prompt_len,
-                                  lambda h, w: head_divergence_sum(h, w, t_h, run.t_head, m, "rkl",
-                                                                   chunk_size=run.args.chunk_size)).item()
-            count += m.sum().item()
-    return all_sum(total, run.device) / max(1.0, all_sum(count, run.device))
+            for who, stream in ((model, 0), (teacher, 1)):  # each one's samples, the other scores them too
+                completions, logprobs, _, _ = sample(who, mine, run, -1 - i // B, stream)
+                samples["distinct2" if who is model else "teacher_distinct2"] += completions
+                batch = pack(mine, completions, run.pad, run.device, logprobs=logprobs, on_policy=[True] * len(mine))
+                t_h, _ = teacher_scores(teacher, batch, None, shared_prompts(batch), run)
+                m, name = batch.mask[:, batch.prompt_len:], "rkl" if who is model else "fkl"
+                sums[name] += forward_from(model, batch.tokens, batch.pos, batch.valid, batch.prompt_len,
+                                           lambda h, w: head_divergence_sum(h, w, t_h, run.t_head, m, name,
+                                                                            chunk_size=run.args.chunk_size)).item()
+                sums[name + "_n"] += m.sum().item()
+            ids, valid = left_pad(mine, run.pad, run.device)
+            greedy = {}
+            for who in (model, teacher):
+                with decoding(who):
+                    greedy[who] = generate(who, ids, valid, max_new_tokens, run.eos, run.pad, temperature=0.0)
+            sums["same"] += sum(a == b for a, b in zip(*(greedy[w].completions() for w in (model, teacher))))
+            sums["rows"] += len(mine)
+            tb = greedy[teacher]
+            m = tb.mask[:, tb.prompt_len:]
+            sums["top1"] += forward_from(model, tb.tokens, tb.pos, tb.valid, tb.prompt_len,
+                                         lambda h, w: argmax_hits(h, w, tb.tokens[:, tb.prompt_len:], m)).item()
+            sums["top1_n"] += m.sum().item()
+    total = {k: all_sum(v, run.device) for k, v in sums.items()}
+    out = dict(rkl=total["rkl"] / max(1.0, total["rkl_n"]), fkl=total["fkl"] / max(1.0, total["fkl_n"]),
+               greedy_agreement=total["same"] / max(1.0, total["rows"]),
+               top1_agreement=total["top1"] / max(1.0, total["top1_n"]))
+    for k, completions in samples.items():
+        grams = [bigrams(c) for c in completions]
+        distinct, n = sum(len(set(g)) for g in grams), sum(len(g) for g in grams)
+        out[k] = all_sum(distinct, run.device) / max(1.0, all_sum(n, run.device))
+    return out
+
+
+def bigrams(ids):
+    return list(zip(ids, ids[1:]))
+
+
+def argmax_hits(h, w, tokens, mask, rows=64):
+    """How many masked positions have `tokens` as the argmax of the logits h W^T, a few rows at a time."""
+    hits = h.new_zeros((), dtype=torch.long)
+    for i in range(0, len(h), rows):
+        top = F.linear(h[i:i + rows], w.to(h.dtype)).argmax(-1)
+        hits += ((top == tokens[i:i + rows]) & mask[i:i + rows]).sum()
+    return hits
 
 
 def start_of_run(model, teacher, run, val, test, eval_tokens, examples):
@@ -142,7 +188,9 @@ def start_of_run(model, teacher, run, val, test, eval_tokens, examples):
         out["teacher_test_accuracy"] = evaluate(teacher, run.t_fmt, test, run, eval_tokens)["accuracy"]
     out["student_test_accuracy_before"] = evaluate(model, run.fmt, test, run, eval_tokens, examples)["accuracy"]
     if run.args.stage == "distill":
-        out["student_val_rkl_before"] = evaluate_rkl(model, teacher, val, run)
+        gap = evaluate_teacher_gap(model, teacher, val, run, eval_tokens)
+        out["student_val_rkl_before"] = gap.pop("rkl")
+        out |= {f"student_val_{k}_before": v for k, v in gap.items()}
     if run.args.sft_mix:
         out["mix_test_accuracy_before"] = evaluate(model, run.mix_fmt, mix_test(run.args), run, eval_tokens)["accuracy"]
     if run.rank == 0:
@@ -153,11 +201,21 @@ def start_of_run(model, teacher, run, val, test, eval_tokens, examples):
 
 
 def validate(model, teacher, val, eval_tokens, run):
-    """Val accuracy (and, distilling, the student's held-out reverse KL)."""
+    """Val accuracy (and, distilling, how far the student is from the teacher: evaluate_teacher_gap)."""
     ev = evaluate(model, run.fmt, val, run, eval_tokens)
     if run.args.stage == "distill":
-        ev["rkl"] = evaluate_rkl(model, teacher, val, run)
+        ev |= evaluate_teacher_gap(model, teacher, val, run, eval_tokens)
     return ev
+
+
+def collapse_warning(ev, step):
+    """One line when the student's samples repeat themselves far more than the teacher's (its distinct-2
+    below half the teacher's), or None: reverse KL on its own samples does not see such a collapse."""
+    if ev.get("distinct2") is not None and ev["distinct2"] < 0.5 * ev["teacher_distinct2"]:
+        return (f"warning: step {step}: the student's samples repeat themselves (distinct-2 {ev['distinct2']:.2f}, "
+                f"the teacher's {ev['teacher_distinct2']:.2f}); read its text: a collapsed student can have a low "
+                "reverse KL")
+    return None
 
 
 def end_of_run(model, optimizer, run, test, eval_tokens, before):

@@ -48,7 +48,7 @@ from crosstok import cross_distill_loss, shared_vocab
 from data import TASK_SPLITS, longest_prompt, task_format
 from data.countdown import TOKENIZER_PATH, countdown_format
 from distributed import all_sum, compute_dtype, peak_mem_mb, setup_dist, shard
-from eval_countdown import end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
+from eval_countdown import collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
 from flops import flops_train_step
 from lora import add_lora, check_lora_args, trainable_params
 from losses import LOSSES, OBJECTIVES, check_loss_args, step_reward_advantage
@@ -498,6 +498,8 @@ def train_loop(model, teacher, optimizer, run, state, train, val, eval_tokens, l
                 bar.write(f"step {step + 1}: loss {m['loss']:.4f} val accuracy {ev['accuracy']:.3f} "
                           f"format-valid {ev['format_valid']:.3f}" + rkl_text(" rkl {:.3f}", ev.get("rkl")) +
                           f" ({state['train_seconds'] / 60:.1f} min)")
+                if collapse_warning(ev, step + 1):
+                    print(collapse_warning(ev, step + 1), file=sys.stderr)
         if (step + 1) % args.save_every == 0 or done:
             save_checkpoint(args.out, model, optimizer, step + 1, files[0],
                             dict(train_seconds=state["train_seconds"], flops=state["flops"], samples=state["samples"],

@@ -34,8 +34,8 @@ n_tok = m.sum().item()
 w_t = head_weight(teacher, torch.bfloat16 if bf16 else None)
 
 def t_part():
-    with torch.no_grad():
-        return score(teacher, batch, autocast=bf16, start=c, hidden_states=True)
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+        return score(teacher, batch, start=c, hidden_states=True)
 
 def s_part(h_t):
     with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
@@ -301,6 +302,57 @@ def test_val_rkl_is_the_students_reverse_kl_on_its_own_samples(ckpts, tmp_path):
         want = per_token_divergence(s(b.tokens, b.pos, b.valid)[:, :-1][m], t(b.tokens, b.pos, b.valid)[:, :-1][m],
                                     "rkl").mean().item()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_teacher_gap_measures_against_an_independent_computation(ckpts, tmp_path):
+    """The start-of-run measures a collapsed student cannot game, recomputed here with plain full forwards in
+    float64: forward KL on the teacher's samples (the eval's seed, stream 1), greedy agreement and top-1
+    agreement on the teacher's greedy replies (24 tokens: the eval's budget), and distinct-2 of both models'
+    samples."""
+    teacher, student = ckpts
+    out = str(tmp_path / "run")
+    run_main(["--teacher", teacher, "--student", student, "--out", out, "--steps", "1", *FAST])
+    got = rows(out)[0]
+    tok, s, t = load_tokenizer(), load_pretrained(student), load_pretrained(teacher)
+    eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
+    ids, valid = left_pad([prompt_ids(tok, a, b) for a, b, _ in load_split("val")[:8]], pad)
+    sampled = {who: generate(m, ids, valid, 6, eos, pad, temperature=1.0,
+                             generator=torch.Generator().manual_seed(rollout_seed(0, -1, stream)))
+               for who, m, stream in (("student", s, 0), ("teacher", t, 1))}
+    greedy = {who: generate(m, ids, valid, 24, eos, pad, temperature=0.0) for who, m in (("student", s), ("teacher", t))}
+    with torch.no_grad():
+        b = sampled["teacher"]
+        m = b.mask[:, 1:]
+        ls, lt = (F.log_softmax(x(b.tokens, b.pos, b.valid)[:, :-1][m].double(), -1) for x in (s, t))
+        fkl = (lt.exp() * (lt - ls)).sum(-1).mean().item()
+        g = greedy["teacher"]
+        m = g.mask[:, 1:]
+        top1 = (s(g.tokens, g.pos, g.valid)[:, :-1].argmax(-1) == g.tokens[:, 1:])[m].float().mean().item()
+    same = sum(a == b for a, b in zip(greedy["student"].completions(), greedy["teacher"].completions())) / 8
+
+    def distinct2(batch):
+        grams = [list(zip(c, c[1:])) for c in batch.completions()]
+        return sum(len(set(x)) for x in grams) / sum(len(x) for x in grams)
+    assert got["student_val_fkl_before"] == pytest.approx(fkl, rel=1e-5)
+    assert got["student_val_top1_agreement_before"] == pytest.approx(top1, abs=1e-9)
+    assert got["student_val_greedy_agreement_before"] == pytest.approx(same, abs=1e-9)
+    assert got["student_val_distinct2_before"] == pytest.approx(distinct2(sampled["student"]), abs=1e-9)
+    assert got["student_val_teacher_distinct2_before"] == pytest.approx(distinct2(sampled["teacher"]), abs=1e-9)
+    assert fkl > 0.1  # the pair differs
+    same_out = str(tmp_path / "same")  # a student that is its teacher agrees everywhere
+    run_main(["--teacher", student, "--student", student, "--out", same_out, "--steps", "1", *FAST])
+    first = rows(same_out)[0]
+    assert first["student_val_fkl_before"] == 0 and first["student_val_top1_agreement_before"] == 1
+    assert first["student_val_greedy_agreement_before"] == 1
+    evals = [r for r in rows(out) if "val_fkl" in r]
+    assert evals and {"val_rkl", "val_greedy_agreement", "val_top1_agreement", "val_distinct2"} <= set(evals[-1])
+
+
+def test_collapse_warning_names_the_repetition():
+    from eval_countdown import collapse_warning
+    assert collapse_warning(dict(distinct2=0.2, teacher_distinct2=0.6), 40).startswith("warning: step 40")
+    assert collapse_warning(dict(distinct2=0.4, teacher_distinct2=0.6), 40) is None
+    assert collapse_warning(dict(rkl=None), 40) is None  # across tokenizers nothing is measured
 
 
 def test_sft_seq_kd_trains_on_teacher_samples(ckpts, tmp_path, monkeypatch):
