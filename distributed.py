@@ -1,4 +1,5 @@
-"""How the processes share the work: one process group for 1 or N processes, FSDP2 sharding, sums over ranks.
+"""How the processes share the work: one process group for 1 or N processes (with a timeout), FSDP2
+sharding, sums and agreements over ranks, and the memory a process holds.
 
 The sharding policy is chosen here, once, outside the model: every block is one FSDP unit, the root holds
 the embedding, final norm and head; bf16 parameters with fp32 gradient reduction on CUDA, fp32 on CPU.
