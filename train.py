@@ -45,7 +45,7 @@ from chat import load_chat
 from checkpoint import (CheckpointError, check_resume, latest_checkpoint, load_config, load_pretrained,
                         load_train_state, open_metrics, resolve_checkpoint, restore, save_checkpoint, text_files)
 from crosstok import cross_distill_loss, shared_vocab
-from data import TASK_SPLITS, longest_prompt, task_format
+from data import TASK_SPLITS, check_task_args, longest_prompt, task_format
 from data.countdown import TOKENIZER_PATH, countdown_format
 from distributed import all_sum, compute_dtype, peak_mem_mb, setup_dist, shard
 from eval_countdown import collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
@@ -181,16 +181,10 @@ def check_args(p, args):
                 f"use --lmbda {lo / args.batch_size:g} ({lo} rows) or {hi / args.batch_size:g} ({hi})")
     if args.temperature < 0 or args.top_k < 0:
         p.error("need --temperature >= 0, --top-k >= 0")
-    if args.task != "countdown" and (args.stage != "sft" or args.seq_kd or args.augment):
-        p.error(f"--task {args.task} trains by SFT on its ground truth: it needs --stage sft, without --seq-kd "
-                "and --augment")
-    if args.sft_mix and (args.stage != "distill" or args.lmbda == 1 or args.loss == "sampled" or args.seq_kd):
-        p.error("--sft-mix needs --stage distill, --lmbda < 1 (its rows are the off-policy ones), no --seq-kd "
-                "and a full-vocabulary loss")
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
-    for check in (check_loss_args, check_rollout_args, check_lora_args):  # each method's own flags
+    for check in (check_task_args, check_loss_args, check_rollout_args, check_lora_args):  # each one's own flags
         try:
             check(args)
         except ValueError as e:

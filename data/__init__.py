@@ -10,6 +10,16 @@ from data.countdown import CharFormat, load_split
 TASK_SPLITS = {"countdown": load_split, "arith": arith.load_split}  # task -> split name -> problems
 
 
+def check_task_args(args):
+    """Refuse (ValueError, one line) train.py's --task / --sft-mix flags where they cannot work."""
+    if args.task != "countdown" and (args.stage != "sft" or args.seq_kd or args.augment):
+        raise ValueError(f"--task {args.task} trains by SFT on its ground truth: it needs --stage sft, without "
+                         "--seq-kd and --augment")
+    if args.sft_mix and (args.stage != "distill" or args.lmbda == 1 or args.loss == "sampled" or args.seq_kd):
+        raise ValueError("--sft-mix needs --stage distill, --lmbda < 1 (its rows are the off-policy ones), no "
+                         "--seq-kd and a full-vocabulary loss")
+
+
 def task_format(task, fmt):
     """The format of a task in a model's text interface, given its Countdown format."""
     if task == "countdown":
