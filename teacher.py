@@ -13,6 +13,7 @@ from chat import load_chat
 from checkpoint import load_pretrained, resolve_checkpoint
 from crosstok import cross_tokenizer_batch
 from data.countdown import countdown_format
+from distributed import any_rank
 from model import forward_from
 
 
@@ -85,6 +86,11 @@ def teacher_scores(teacher, batch, rows, groups, run):
     text in the teacher's tokens (crosstok.py; ValueError where its tokenizer cannot reproduce the text)."""
     if not run.cross:
         return score(teacher, batch, batch.prompt_len, groups, hidden_states=True), None
-    cb = cross_tokenizer_batch(batch, [r.problem for r in rows], run.fmt.tok, run.t_fmt.tok, teacher.cfg.max_seq_len,
-                               run.t_fmt)
+    try:
+        cb, err = cross_tokenizer_batch(batch, [r.problem for r in rows], run.fmt.tok, run.t_fmt.tok,
+                                        teacher.cfg.max_seq_len, run.t_fmt), None
+    except ValueError as e:
+        cb, err = None, e
+    if any_rank(err is not None, batch.tokens.device):  # every rank stops, none waits in the teacher's forward
+        raise err or ValueError("another process's rows hold text the teacher's tokenizer cannot reproduce")
     return score(teacher, cb.teacher), cb

@@ -106,6 +106,37 @@ def test_a_prompt_repeated_on_one_rank_only_trains_what_one_process_does(sharp_c
         assert a[1] == pytest.approx(b[1], rel=1e-4, abs=1e-6) and a[2] == pytest.approx(b[2], rel=1e-4)
 
 
+ONE_RANK_FAILS = """
+import os, sys
+sys.path.insert(0, {root!r})
+import teacher, train
+real = teacher.cross_tokenizer_batch
+
+def on_rank_0_only(*a, **k):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("a span the teacher's tokenizer cannot reproduce (made up by the test)")
+    return real(*a, **k)
+
+teacher.cross_tokenizer_batch = on_rank_0_only
+train.main()
+"""
+
+
+def test_a_cross_tokenizer_failure_on_one_rank_stops_every_rank_with_one_line(sharp_ckpts, tmp_path):
+    """Text one rank's teacher tokenizer cannot reproduce stops both ranks before the teacher's forward, each
+    with the one-line error, instead of leaving the other waiting in a collective."""
+    teacher, student = sharp_ckpts
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS.format(root=ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "--teacher", teacher, "--student", student, "--out", str(tmp_path / "run"),
+                        "--cross-tokenizer", "on", "--steps", "2", *DISTILL_ARGS[:-3]],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(ENV, OPD_DIST_TIMEOUT_S="600"), timeout=240)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("train.py: error: step 1:")]
+    assert len(errors) == 2, r.stderr[-3000:]
+
+
 def records(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
