@@ -192,7 +192,7 @@ def check_args(p, args):
 
 
 def fail(msg):
-    print(f"train.py: error: {msg}", file=sys.stderr)
+    sys.stderr.write(f"train.py: error: {msg}\n")  # one write: ranks share the terminal
     sys.exit(2)
 
 # ---------------------------------------------------------------------------------------------- the step
