@@ -7,7 +7,8 @@
     python train.py --stage sft --out runs/sft --resume             # continue from runs/sft/latest
     python train.py --stage rl --samples-per-prompt 8 --lr 2e-5     # policy gradient on the verifier's reward
 
-This file holds the flags and the loop; each step (train_step) reads like the method:
+This file holds the loop and its flags, in reading order: the step, setup, main, then the flags. The step
+(train_step) reads like the method:
   rows       the first lambda x batch rows of the step's problems are on-policy (rollout.step_rows)
   rollouts   the --rollout scheme makes their completions (the student samples; speculative KD); the other
              rows are ground truth, or teacher samples with --seq-kd (rollout.make_batch)
@@ -57,138 +58,6 @@ from rollout import ROLLOUTS, check_context, check_rollout_args, make_batch, sha
 from teacher import check_teacher, head_weight, load_teacher, teacher_scores
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-# -------------------------------------------------------------------------------------------- arguments
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SFT, on-policy distillation and RL on Countdown")
-    g = p.add_argument_group("the run")
-    g.add_argument("--stage", default="distill", choices=["sft", "distill", "rl"])
-    g.add_argument("--out", default=None, help="run directory (default runs/<stage>-<loss>-l<lmbda>-s<seed>)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--tokenizer", default=TOKENIZER_PATH)
-    g = p.add_argument_group("the models")
-    g.add_argument("--student", default=None, help="initial student checkpoint (distill and rl default: "
-                   "checkpoints/student; sft default: a fresh model of the shape below)")
-    g.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill, "
-                   "and sft --seq-kd)")
-    g.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
-                   "blocks of --student only (a Python slice, e.g. 0::3: every third layer of a teacher copy)")
-    g.add_argument("--n-layer", type=int, default=4)
-    g.add_argument("--n-head", type=int, default=4)
-    g.add_argument("--d-model", type=int, default=128)
-    g.add_argument("--d-mlp", type=int, default=0, help="0 = 4 * d-model")
-    g.add_argument("--lora-rank", type=int, default=None, help="train rank-r adapters on the student's attention "
-                   "and MLP linears, everything else frozen (lora.py; default: full fine-tuning); checkpoints are "
-                   "saved merged, as plain weights")
-    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is scaled by alpha / rank "
-                   "(default 2 * rank: a scale of 2 at every rank)")
-    g = p.add_argument_group("the rows of a batch")
-    g.add_argument("--lmbda", type=float, default=1.0, help="fraction of each batch's rows sampled by the student")
-    g.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
-    g.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth "
-                   "(with --stage sft: SFT on teacher samples)")
-    g.add_argument("--task", default="countdown", choices=["countdown", "arith"], help="the rows' task (arith: "
-                   "data/arith.py, the continual-learning recipe's new task; SFT only)")
-    g.add_argument("--sft-mix", default=None, choices=["arith"], help="distill: the off-policy rows are this task's "
-                   "ground truth, learnt by cross-entropy, while the on-policy rows are distilled (docs/continual.md)")
-    g.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
-                   "valid solution (fights memorising the small problem universe)")
-    g = p.add_argument_group("rollouts")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
-    g.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
-                   "chat model's <answer> needs more: 64-256")
-    g.add_argument("--rollout", default="student", choices=list(ROLLOUTS), help="how the on-policy rows' "
-                   "completions are made (rollout.ROLLOUTS): the student samples (student), or speculative KD: the "
-                   "teacher keeps each student token that is in its top --skd-top-k and replaces the others (skd)")
-    g.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
-                   "plain on-policy sampling, 1 = the teacher's greedy tokens)")
-    g.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
-                   "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
-    g = p.add_argument_group("the loss")
-    g.add_argument("--loss", default="rkl", choices=LOSSES)
-    g.add_argument("--beta", type=float, default=0.5, help="the divergence's weight: jsd's beta in (0, 1), the skew "
-                   "KLs' mix in [0, 1) (DistiLLM uses 0.1), fkl_rkl's weight of fkl in [0, 1]")
-    g.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
-    g.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
-                   help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
-                   "differ; off: refuse such a teacher)")
-    g.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
-                   "term on the tokens the two vocabularies do not share")
-    g.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
-                   "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
-    g.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
-                   "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
-    g.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
-                   "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
-    g.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
-    g.add_argument("--lr", type=float, default=None, help="default: sft 2e-3, distill 2e-4")
-    g.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
-    g.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 20")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--micro-batch-size", type=int, default=0, help="rows per process in one forward and backward "
-                   "(teacher scoring, student, loss); the step accumulates their gradients (0 = all at once)")
-    g.add_argument("--activation-checkpointing", action="store_true", help="keep only each student block's "
-                   "input in forward and recompute the block in backward: less memory for ~1/3 more student FLOPs")
-    g = p.add_argument_group("eval, logging, checkpoints")
-    g.add_argument("--eval-every", type=int, default=None, help="val accuracy every N steps (0 = only at the end)")
-    g.add_argument("--eval-n", type=int, default=0, help="val (and distill's test) problems to evaluate (0 = all)")
-    g.add_argument("--save-every", type=int, default=500)
-    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    g.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this much training time")
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
-
-
-def check_args(p, args):
-    """Fill the stage's defaults and refuse flags that contradict each other (p.error: one line, exit 2)."""
-    sft = args.stage == "sft"
-    for name, dflt in (("steps", (1000, 800)), ("batch_size", (256, 64)), ("lr", (2e-3, 2e-4)),
-                       ("warmup", (100, 20)), ("eval_every", (250, 200))):
-        if getattr(args, name) is None:
-            setattr(args, name, dflt[0] if sft else dflt[1])
-    if args.student is None and not sft:  # distill and rl start from the shipped student
-        args.student = os.path.join(ROOT, "checkpoints", "student")
-    if args.out is None:
-        name = f"{args.loss}-l{args.lmbda:g}" if args.stage == "distill" else args.stage
-        args.out = os.path.join("runs", f"{name}-s{args.seed}")
-    for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "save_every", "keep", "max_new_tokens",
-                 "samples_per_prompt"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("lmbda", "beta", "temperature", "loss_temperature", "uld_weight", "lr", "min_lr_frac",
-                 "weight_decay", "grad_clip", "max_minutes", "reward_weight"):
-        if not math.isfinite(getattr(args, name)):
-            p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
-    if args.lr <= 0 or not 0 <= args.min_lr_frac <= 1 or args.warmup < 0 or args.eval_every < 0:
-        p.error("need --lr > 0, 0 <= --min-lr-frac <= 1, --warmup >= 0, --eval-every >= 0")
-    if args.micro_batch_size < 0:
-        p.error(f"--micro-batch-size must be >= 0, got {args.micro_batch_size}")
-    if not 0 <= args.lmbda <= 1:
-        p.error(f"--lmbda must be in [0, 1], got {args.lmbda}")
-    n_on = args.lmbda * args.batch_size
-    if args.stage == "distill" and abs(n_on - round(n_on)) > 1e-9:  # so the on-policy fraction is lambda in every batch
-        lo, hi = math.floor(n_on), math.ceil(n_on)
-        p.error(f"--lmbda {args.lmbda} x --batch-size {args.batch_size} = {n_on:g} rows is not a whole number; "
-                f"use --lmbda {lo / args.batch_size:g} ({lo} rows) or {hi / args.batch_size:g} ({hi})")
-    if args.temperature < 0 or args.top_k < 0:
-        p.error("need --temperature >= 0, --top-k >= 0")
-    if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
-        p.error("--d-model must be a multiple of --n-head with an even head size")
-    args.d_mlp = args.d_mlp or 4 * args.d_model
-    for check in (check_task_args, check_loss_args, check_rollout_args, check_lora_args):  # each one's own flags
-        try:
-            check(args)
-        except ValueError as e:
-            p.error(str(e))
 
 
 def fail(msg):
@@ -509,6 +378,138 @@ def train_loop(model, teacher, optimizer, run, state, train, val, eval_tokens, l
 def last_good(out):
     latest = latest_checkpoint(out)
     return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+
+
+# -------------------------------------------------------------------------------------------- arguments
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SFT, on-policy distillation and RL on Countdown")
+    g = p.add_argument_group("the run")
+    g.add_argument("--stage", default="distill", choices=["sft", "distill", "rl"])
+    g.add_argument("--out", default=None, help="run directory (default runs/<stage>-<loss>-l<lmbda>-s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--tokenizer", default=TOKENIZER_PATH)
+    g = p.add_argument_group("the models")
+    g.add_argument("--student", default=None, help="initial student checkpoint (distill and rl default: "
+                   "checkpoints/student; sft default: a fresh model of the shape below)")
+    g.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill, "
+                   "and sft --seq-kd)")
+    g.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
+                   "blocks of --student only (a Python slice, e.g. 0::3: every third layer of a teacher copy)")
+    g.add_argument("--n-layer", type=int, default=4)
+    g.add_argument("--n-head", type=int, default=4)
+    g.add_argument("--d-model", type=int, default=128)
+    g.add_argument("--d-mlp", type=int, default=0, help="0 = 4 * d-model")
+    g.add_argument("--lora-rank", type=int, default=None, help="train rank-r adapters on the student's attention "
+                   "and MLP linears, everything else frozen (lora.py; default: full fine-tuning); checkpoints are "
+                   "saved merged, as plain weights")
+    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is scaled by alpha / rank "
+                   "(default 2 * rank: a scale of 2 at every rank)")
+    g = p.add_argument_group("the rows of a batch")
+    g.add_argument("--lmbda", type=float, default=1.0, help="fraction of each batch's rows sampled by the student")
+    g.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
+    g.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth "
+                   "(with --stage sft: SFT on teacher samples)")
+    g.add_argument("--task", default="countdown", choices=["countdown", "arith"], help="the rows' task (arith: "
+                   "data/arith.py, the continual-learning recipe's new task; SFT only)")
+    g.add_argument("--sft-mix", default=None, choices=["arith"], help="distill: the off-policy rows are this task's "
+                   "ground truth, learnt by cross-entropy, while the on-policy rows are distilled (docs/continual.md)")
+    g.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
+                   "valid solution (fights memorising the small problem universe)")
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
+                   "chat model's <answer> needs more: 64-256")
+    g.add_argument("--rollout", default="student", choices=list(ROLLOUTS), help="how the on-policy rows' "
+                   "completions are made (rollout.ROLLOUTS): the student samples (student), or speculative KD: the "
+                   "teacher keeps each student token that is in its top --skd-top-k and replaces the others (skd)")
+    g.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
+                   "plain on-policy sampling, 1 = the teacher's greedy tokens)")
+    g.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
+                   "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
+    g = p.add_argument_group("the loss")
+    g.add_argument("--loss", default="rkl", choices=LOSSES)
+    g.add_argument("--beta", type=float, default=0.5, help="the divergence's weight: jsd's beta in (0, 1), the skew "
+                   "KLs' mix in [0, 1) (DistiLLM uses 0.1), fkl_rkl's weight of fkl in [0, 1]")
+    g.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
+    g.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
+                   help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
+                   "differ; off: refuse such a teacher)")
+    g.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
+                   "term on the tokens the two vocabularies do not share")
+    g.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
+                   "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
+    g.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
+                   "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
+    g.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
+                   "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
+    g.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
+    g.add_argument("--lr", type=float, default=None, help="default: sft 2e-3, distill 2e-4")
+    g.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
+    g.add_argument("--warmup", type=int, default=None, help="default: sft 100, distill 20")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--micro-batch-size", type=int, default=0, help="rows per process in one forward and backward "
+                   "(teacher scoring, student, loss); the step accumulates their gradients (0 = all at once)")
+    g.add_argument("--activation-checkpointing", action="store_true", help="keep only each student block's "
+                   "input in forward and recompute the block in backward: less memory for ~1/3 more student FLOPs")
+    g = p.add_argument_group("eval, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=None, help="val accuracy every N steps (0 = only at the end)")
+    g.add_argument("--eval-n", type=int, default=0, help="val (and distill's test) problems to evaluate (0 = all)")
+    g.add_argument("--save-every", type=int, default=500)
+    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    g.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this much training time")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Fill the stage's defaults and refuse flags that contradict each other (p.error: one line, exit 2)."""
+    sft = args.stage == "sft"
+    for name, dflt in (("steps", (1000, 800)), ("batch_size", (256, 64)), ("lr", (2e-3, 2e-4)),
+                       ("warmup", (100, 20)), ("eval_every", (250, 200))):
+        if getattr(args, name) is None:
+            setattr(args, name, dflt[0] if sft else dflt[1])
+    if args.student is None and not sft:  # distill and rl start from the shipped student
+        args.student = os.path.join(ROOT, "checkpoints", "student")
+    if args.out is None:
+        name = f"{args.loss}-l{args.lmbda:g}" if args.stage == "distill" else args.stage
+        args.out = os.path.join("runs", f"{name}-s{args.seed}")
+    for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "save_every", "keep", "max_new_tokens",
+                 "samples_per_prompt"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("lmbda", "beta", "temperature", "loss_temperature", "uld_weight", "lr", "min_lr_frac",
+                 "weight_decay", "grad_clip", "max_minutes", "reward_weight"):
+        if not math.isfinite(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.lr <= 0 or not 0 <= args.min_lr_frac <= 1 or args.warmup < 0 or args.eval_every < 0:
+        p.error("need --lr > 0, 0 <= --min-lr-frac <= 1, --warmup >= 0, --eval-every >= 0")
+    if args.micro_batch_size < 0:
+        p.error(f"--micro-batch-size must be >= 0, got {args.micro_batch_size}")
+    if not 0 <= args.lmbda <= 1:
+        p.error(f"--lmbda must be in [0, 1], got {args.lmbda}")
+    n_on = args.lmbda * args.batch_size
+    if args.stage == "distill" and abs(n_on - round(n_on)) > 1e-9:  # so the on-policy fraction is lambda in every batch
+        lo, hi = math.floor(n_on), math.ceil(n_on)
+        p.error(f"--lmbda {args.lmbda} x --batch-size {args.batch_size} = {n_on:g} rows is not a whole number; "
+                f"use --lmbda {lo / args.batch_size:g} ({lo} rows) or {hi / args.batch_size:g} ({hi})")
+    if args.temperature < 0 or args.top_k < 0:
+        p.error("need --temperature >= 0, --top-k >= 0")
+    if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
+        p.error("--d-model must be a multiple of --n-head with an even head size")
+    args.d_mlp = args.d_mlp or 4 * args.d_model
+    for check in (check_task_args, check_loss_args, check_rollout_args, check_lora_args):  # each one's own flags
+        try:
+            check(args)
+        except ValueError as e:
+            p.error(str(e))
 
 
 if __name__ == "__main__":
