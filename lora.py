@@ -50,6 +50,15 @@ def max_rank(model):
     return min(min(getattr(b, n).in_features, getattr(b, n).out_features) for b in model.blocks for n in TARGETS)
 
 
+def add_lora_args(g):
+    """train.py's adapter flags, in its group g (their checks: check_lora_args)."""
+    g.add_argument("--lora-rank", type=int, default=None, help="train rank-r adapters on the student's attention "
+                   "and MLP linears, everything else frozen (lora.py; default: full fine-tuning); checkpoints are "
+                   "saved merged, as plain weights")
+    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is scaled by alpha / rank "
+                   "(default 2 * rank: a scale of 2 at every rank)")
+
+
 def check_lora_args(args):
     """Refuse (ValueError, one line) train.py's --lora-* flags when they would do nothing or cannot work; fill
     --lora-alpha's default (2 x rank: a scale of 2 at every rank)."""

@@ -465,6 +465,26 @@ def step_reward_advantage(reward, group_size, norm, rank, world):
     return reward_advantage(full, group_size, norm)[rank::world]
 
 
+def add_loss_args(p):
+    """train.py's loss flags (their checks: check_loss_args)."""
+    g = p.add_argument_group("the loss")
+    g.add_argument("--loss", default="rkl", choices=LOSSES)
+    g.add_argument("--beta", type=float, default=0.5, help="the divergence's weight: jsd's beta in (0, 1), the skew "
+                   "KLs' mix in [0, 1) (DistiLLM uses 0.1), fkl_rkl's weight of fkl in [0, 1]")
+    g.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
+    g.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
+                   help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
+                   "differ; off: refuse such a teacher)")
+    g.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
+                   "term on the tokens the two vocabularies do not share")
+    g.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
+                   "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
+    g.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
+                   "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
+    g.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
+                   "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
+
+
 def check_loss_args(args):
     """Refuse (ValueError, one line) train.py loss flags that contradict each other or would be ignored."""
     rl = args.stage == "rl"

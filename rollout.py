@@ -377,6 +377,22 @@ def skd_rollout(model, teacher, prompts, run, step):
 ROLLOUTS = {"student": student_rollout, "skd": skd_rollout}
 
 
+def add_rollout_args(p):
+    """train.py's rollout flags (their checks: check_rollout_args)."""
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
+                   "chat model's <answer> needs more: 64-256")
+    g.add_argument("--rollout", default="student", choices=list(ROLLOUTS), help="how the on-policy rows' "
+                   "completions are made (rollout.ROLLOUTS): the student samples (student), or speculative KD: the "
+                   "teacher keeps each student token that is in its top --skd-top-k and replaces the others (skd)")
+    g.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
+                   "plain on-policy sampling, 1 = the teacher's greedy tokens)")
+    g.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
+                   "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
+
+
 def check_rollout_args(args):
     """Refuse (ValueError, one line) --rollout flags that cannot work together."""
     if args.rollout == "skd" and (args.stage != "distill" or args.loss == "sampled"):

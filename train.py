@@ -51,10 +51,10 @@ from data.countdown import TOKENIZER_PATH, countdown_format
 from distributed import all_sum, compute_dtype, peak_mem_mb, setup_dist, shard
 from eval_countdown import collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
 from flops import flops_train_step
-from lora import add_lora, check_lora_args, trainable_params
-from losses import LOSSES, OBJECTIVES, check_loss_args, step_reward_advantage
+from lora import add_lora, add_lora_args, check_lora_args, trainable_params
+from losses import OBJECTIVES, add_loss_args, check_loss_args, step_reward_advantage
 from model import GPT, GPTConfig, GradKV, forward_from, keep_layers, layer_slice, num_params
-from rollout import ROLLOUTS, check_context, check_rollout_args, make_batch, shared_prompts, step_rows
+from rollout import add_rollout_args, check_context, check_rollout_args, make_batch, shared_prompts, step_rows
 from teacher import check_teacher, head_weight, load_teacher, teacher_scores
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -402,11 +402,7 @@ def parse_args(argv=None):
     g.add_argument("--n-head", type=int, default=4)
     g.add_argument("--d-model", type=int, default=128)
     g.add_argument("--d-mlp", type=int, default=0, help="0 = 4 * d-model")
-    g.add_argument("--lora-rank", type=int, default=None, help="train rank-r adapters on the student's attention "
-                   "and MLP linears, everything else frozen (lora.py; default: full fine-tuning); checkpoints are "
-                   "saved merged, as plain weights")
-    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' update is scaled by alpha / rank "
-                   "(default 2 * rank: a scale of 2 at every rank)")
+    add_lora_args(g)
     g = p.add_argument_group("the rows of a batch")
     g.add_argument("--lmbda", type=float, default=1.0, help="fraction of each batch's rows sampled by the student")
     g.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
@@ -418,34 +414,8 @@ def parse_args(argv=None):
                    "ground truth, learnt by cross-entropy, while the on-policy rows are distilled (docs/continual.md)")
     g.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
                    "valid solution (fights memorising the small problem universe)")
-    g = p.add_argument_group("rollouts")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the top k tokens (0 = all)")
-    g.add_argument("--max-new-tokens", type=int, default=24, help="rollout budget in tokens (eval: at least 24); a "
-                   "chat model's <answer> needs more: 64-256")
-    g.add_argument("--rollout", default="student", choices=list(ROLLOUTS), help="how the on-policy rows' "
-                   "completions are made (rollout.ROLLOUTS): the student samples (student), or speculative KD: the "
-                   "teacher keeps each student token that is in its top --skd-top-k and replaces the others (skd)")
-    g.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
-                   "plain on-policy sampling, 1 = the teacher's greedy tokens)")
-    g.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
-                   "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
-    g = p.add_argument_group("the loss")
-    g.add_argument("--loss", default="rkl", choices=LOSSES)
-    g.add_argument("--beta", type=float, default=0.5, help="the divergence's weight: jsd's beta in (0, 1), the skew "
-                   "KLs' mix in [0, 1) (DistiLLM uses 0.1), fkl_rkl's weight of fkl in [0, 1]")
-    g.add_argument("--loss-temperature", type=float, default=1.0, help="softmax temperature inside the divergence")
-    g.add_argument("--cross-tokenizer", default="auto", choices=["auto", "on", "off"],
-                   help="span-aligned losses for a teacher with another tokenizer (auto: when the vocabularies "
-                   "differ; off: refuse such a teacher)")
-    g.add_argument("--uld-weight", type=float, default=1.0, help="cross-tokenizer fkl/rkl/jsd: weight of the ULD "
-                   "term on the tokens the two vocabularies do not share")
-    g.add_argument("--adv-norm", default="mean", choices=["mean", "std", "none"], help="the reward's advantage: "
-                   "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
-    g.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
-                   "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
-    g.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
-                   "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
+    add_rollout_args(p)
+    add_loss_args(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="default: sft 1000, distill 800")
     g.add_argument("--batch-size", type=int, default=None, help="global rows per optimizer step (sft 256, distill 64)")
