@@ -46,6 +46,7 @@ import ctypes
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -220,6 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--student", help="with --teacher: the student's checkpoint directory")
     p.add_argument("--student-keep-layers", default=None, metavar="START:STOP:STEP", help="with --student: keep "
                    "these blocks (as train.py --keep-layers, e.g. 0::3)")
+    p.add_argument("--part", default="all", choices=["all", "times", "memory"], help="with --teacher: measure only "
+                   "the times or only the memory (all: the times here, then the memory in a fresh process, whose "
+                   "fixed mmap threshold would slow the step)")
     args = p.parse_args(argv)
     if bool(args.teacher) != bool(args.student):
         p.error("--teacher and --student go together")
@@ -383,15 +387,18 @@ def unfused_distill_step(student, teacher, batch, optimizer, args):
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_checkpoints(args, load):
+def bench_checkpoints(args, load, argv):
     """Real shapes: a Hugging Face teacher and student (e.g. SmolLM2-135M and its every-third-layer student),
     --batch-size random prompts of --prompt-len tokens and --new-tokens sampled tokens per row (no early stop),
     fp32 on CPU (--dtype bf16: autocast). Measures the rollout's tokens/s (eager, and with --compile the
     compiled step, side by side), train.py's step split into its parts with its MFU, and the step's peak
     memory above its start (weights and optimizer state; the gradients are made during the step) with the
     head fused into the loss (train.py), with it and --activation-checkpointing, and with both models'
-    logits whole (unfused_distill_step), at --new-tokens and at twice as many."""
-    fixed_mmap_threshold()  # from the start: heap pages freed before it would hide later peaks from the RSS
+    logits whole (unfused_distill_step), at --new-tokens and at twice as many. The memory runs in a process
+    of its own (--part memory): on CPU it needs glibc's mmap threshold fixed from the start, which makes every
+    large tensor a fresh mmap and slows the step by a quarter, so the times are taken in a process without it."""
+    if args.part == "memory" and args.device != "cuda":
+        fixed_mmap_threshold()  # from the start: heap pages freed before it would hide later peaks from the RSS
     w = machine(args)
     measure_peak(w)
     teacher, _ = load_teacher(args.teacher)
@@ -404,17 +411,28 @@ def bench_checkpoints(args, load):
     B, P, S, V = args.batch_size, args.prompt_len, args.samples_per_prompt, student.cfg.vocab_size
     g = torch.Generator().manual_seed(args.seed)
     w.prompts = [p for p in (torch.randint(V, (P,), generator=g).tolist() for _ in range(B // S)) for _ in range(S)]
-    grad_mb = sum(p.numel() * p.element_size() for p in student.parameters()) / 2 ** 20
-    res = dict(device=str(w.device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load, batch=B,
-               prompt_len=P, matmul_peak_gflops=w.peak,
-               samples_per_prompt=S, loss=args.loss, student=args.student, student_keep_layers=args.student_keep_layers,
-               teacher=args.teacher, student_params=num_params(student), teacher_params=num_params(teacher),
-               vocab=V, grad_mb=grad_mb)
     with group_of_one(w.device):
-        for N in (args.new_tokens, 2 * args.new_tokens):
-            res[f"new_tokens_{N}"] = checkpoint_times(w, N) | checkpoint_memory(w, N)
+        lengths = (args.new_tokens, 2 * args.new_tokens)
+        if args.part == "memory":
+            return print(json.dumps({f"new_tokens_{N}": checkpoint_memory(w, N) for N in lengths}))
+        res = {f"new_tokens_{N}": checkpoint_times(w, N) for N in lengths}
+    if args.part == "all":
+        for N, mem in memory_in_a_fresh_process(argv).items():
+            res[N] |= mem
+    grad_mb = sum(p.numel() * p.element_size() for p in student.parameters()) / 2 ** 20
+    res |= dict(device=str(w.device), dtype=args.dtype, threads=torch.get_num_threads(), load_avg=load, batch=B,
+                prompt_len=P, matmul_peak_gflops=w.peak, samples_per_prompt=S, loss=args.loss, student=args.student,
+                student_keep_layers=args.student_keep_layers, teacher=args.teacher,
+                student_params=num_params(student), teacher_params=num_params(teacher), vocab=V, grad_mb=grad_mb)
     print_checkpoints(args, res, load, w)
     print(json.dumps(rounded(res)))
+
+
+def memory_in_a_fresh_process(argv):
+    """bench_checkpoints' memory half (--part memory), run as a child with the same flags: its last line."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--part", "memory"], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def checkpoint_run(w, N, *flags):
@@ -774,7 +792,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.teacher:
-        return bench_checkpoints(args, load)
+        return bench_checkpoints(args, load, sys.argv[1:] if argv is None else list(argv))
     w = reference_workload(args)
     roll, fl = bench_rollout(w)
     with group_of_one(w.device):
