@@ -23,6 +23,9 @@ reward (reward_advantage) in place of the teacher's log-ratio; distillation plus
 One normalisation for every loss: the sum over the completion tokens of the optimizer step divided by
 their count (`n_tokens`, all micro-batches and ranks), never a per-sequence mean.
 Teachers with another tokenizer: crosstok.py. A new divergence is one registered function (below).
+
+--teacher-top-k K: any divergence above over K+1 bins instead of the vocabulary, the teacher's K most
+probable tokens and one bucket for the rest (top_k_bins): what a remote or very large teacher can send.
 """
 import math
 
@@ -159,24 +162,42 @@ def token_logprobs(logits, tokens, chunk_size=0):
 HAND_DERIVED = ("fkl", "rkl", "jsd")  # the names _divergence_and_grad differentiates by hand
 
 
-def _autograd_divergence_and_grad(f, s, log_pt, beta, temperature, grad):
-    """_divergence_and_grad by autograd through the registered function f, on one chunk: the graph lives
-    only inside this call. Where p_S = p_T exactly (the divergence's minimum) the value and gradient are
-    set to exactly 0, as the hand-derived ones are: round-off there would become a full Adam step."""
+def top_k_bins(log_ps, log_pt, k):
+    """(log_ps, log_pt) [N, V] -> both over the same [N, K+1] bins: the teacher's K most probable tokens,
+    then one bucket for the rest of the vocabulary (the log of its mass). A divergence over the bins needs
+    from the teacher only its top-K log-probabilities and their ids (the bucket is 1 minus their sum). K >= V:
+    the vocabulary in the teacher's order, no bucket (it would be empty)."""
+    top, idx = log_pt.topk(min(k, log_pt.size(-1)), -1)
+    s_top = log_ps.gather(-1, idx)
+    if k >= log_pt.size(-1):
+        return s_top, top
+    # the rest's mass as a logsumexp over it, not log1p(-sum of the top K): exact where the top K hold
+    # nearly everything, and a 0 < tail however small (1 - sum in fp32 is 0 or negative below ~1e-7)
+    rest = lambda lp: lp.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([s_top, rest(log_ps)], -1), torch.cat([top, rest(log_pt)], -1)
+
+
+def _autograd_divergence_and_grad(f, s, log_pt, beta, temperature, grad, top_k=None):
+    """_divergence_and_grad by autograd through the registered function f (over top_k_bins when top_k),
+    on one chunk: the graph lives only inside this call. Where p_S = p_T exactly (the divergence's minimum)
+    the value and gradient are set to exactly 0, as the hand-derived ones are: round-off there would become
+    a full Adam step."""
     # backward of an autograd.Function runs without grad mode; a forward needs no graph
     with torch.enable_grad() if grad else torch.no_grad():
         x = s.detach().requires_grad_(grad)
         log_ps = F.log_softmax(x / temperature, -1)
+        if top_k:
+            log_ps, log_pt = top_k_bins(log_ps, log_pt, top_k)
         val = f(log_ps, log_pt, beta)
         g = torch.autograd.grad(val.sum(), x)[0] if grad else None
     same = (log_ps == log_pt).all(-1)
     return val.detach().masked_fill(same, 0), g.masked_fill(same[:, None], 0) if grad else None
 
 
-def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature, grad=True):
+def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature, grad=True, top_k=None):
     """Per-position divergence [N] and its gradient w.r.t. the student logits [N, V] (None when not
     grad: a forward that recomputes it in backward need not form it): analytic for HAND_DERIVED, by
-    autograd for any other registered divergence.
+    autograd for any other registered divergence and for every one over the teacher's top_k (top_k_bins).
 
     Identical inputs give exactly 0 and an exactly-0 gradient (no round-off that Adam would amplify into a
     real step): the analytic formulas are written so, the autograd path masks those rows."""
@@ -184,8 +205,9 @@ def _divergence_and_grad(s_logits, t_logits, loss, beta, temperature, grad=True)
         raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(DIVERGENCES)})")
     dt = torch.promote_types(s_logits.dtype, torch.float32)
     log_pt = F.log_softmax(t_logits.to(dt) / temperature, -1)
-    if loss not in HAND_DERIVED:
-        return _autograd_divergence_and_grad(DIVERGENCES[loss], s_logits.to(dt), log_pt, beta, temperature, grad)
+    if top_k or loss not in HAND_DERIVED:
+        return _autograd_divergence_and_grad(DIVERGENCES[loss], s_logits.to(dt), log_pt, beta, temperature, grad,
+                                             top_k)
     log_ps = F.log_softmax(s_logits.to(dt) / temperature, -1)
     ps = log_ps.exp()
     if loss == "fkl":
@@ -232,49 +254,52 @@ class _MaskedDivergence(torch.autograd.Function):
     [positions, V] copy or gradient is kept between forward and backward."""
 
     @staticmethod
-    def forward(ctx, s_logits, t_logits, where, loss, beta, temperature, step):
+    def forward(ctx, s_logits, t_logits, where, loss, beta, temperature, step, top_k=None):
         s, t = s_logits.detach(), t_logits.detach()
         total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
         for i in range(0, where.size(0), step):
             r = tuple(where[i:i + step].unbind(1))  # the chunk's positions, in row-major order
-            total = total + _divergence_and_grad(s[r], t[r], loss, beta, temperature, grad=False)[0].sum()
+            total = total + _divergence_and_grad(s[r], t[r], loss, beta, temperature, False, top_k)[0].sum()
         ctx.save_for_backward(s_logits, t_logits, where)
-        ctx.args = loss, beta, temperature, step
+        ctx.args = loss, beta, temperature, step, top_k
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         s_logits, t_logits, where = ctx.saved_tensors
-        loss, beta, temperature, step = ctx.args
+        loss, beta, temperature, step, top_k = ctx.args
         s, t = s_logits.detach(), t_logits.detach()
         grad = torch.zeros_like(s)
         for i in range(0, where.size(0), step):
             r = tuple(where[i:i + step].unbind(1))
-            grad[r] = _divergence_and_grad(s[r], t[r], loss, beta, temperature)[1].to(grad.dtype) * grad_out
-        return grad, None, None, None, None, None, None
+            g = _divergence_and_grad(s[r], t[r], loss, beta, temperature, True, top_k)[1]
+            grad[r] = g.to(grad.dtype) * grad_out
+        return grad, None, None, None, None, None, None, None
 
 
-def per_token_divergence(s_logits, t_logits, loss, beta=0.5, temperature=1.0):
+def per_token_divergence(s_logits, t_logits, loss, beta=0.5, temperature=1.0, top_k=None):
     """[N, V] student and teacher logits -> [N] divergence per position (no gradient)."""
-    return _divergence_and_grad(s_logits.detach(), t_logits.detach(), loss, beta, temperature, grad=False)[0]
+    return _divergence_and_grad(s_logits.detach(), t_logits.detach(), loss, beta, temperature, False, top_k)[0]
 
 
-def divergence_sum(s_logits, t_logits, mask, loss, beta=0.5, temperature=1.0, chunk_size=0):
+def divergence_sum(s_logits, t_logits, mask, loss, beta=0.5, temperature=1.0, chunk_size=0, top_k=None):
     """Sum over masked positions of the per-position divergence, no gradient, a chunk at a time (for
     metrics such as the student's reverse KL on its own samples)."""
     with torch.no_grad():
         return _MaskedDivergence.apply(s_logits, t_logits, mask.nonzero(), loss, beta, temperature,
-                                       chunk_rows(chunk_size, s_logits.size(-1)))
+                                       chunk_rows(chunk_size, s_logits.size(-1)), top_k)
 
 
-def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0):
+def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0, top_k=None):
     """Sum of the per-token divergence over masked positions / n_tokens, differentiable in s_logits.
 
     s_logits, t_logits: [..., V]; mask: [...] bool. Only the masked positions are computed, a chunk of
     positions at a time (chunk_size, or 0: see chunk_rows), so the softmax intermediates of one chunk are
-    alive at a time and nothing of size [positions, V] is kept for backward."""
+    alive at a time and nothing of size [positions, V] is kept for backward. top_k: the divergence over the
+    teacher's top-K tokens and a bucket for the rest (top_k_bins); None: over the vocabulary."""
     step = chunk_rows(chunk_size, s_logits.size(-1))
-    return _MaskedDivergence.apply(s_logits, t_logits, mask.nonzero(), loss, beta, temperature, step) / n_tokens
+    return _MaskedDivergence.apply(s_logits, t_logits, mask.nonzero(), loss, beta, temperature, step,
+                                   top_k) / n_tokens
 
 
 # ------------------------------------------------------------------- the output head fused with the loss
@@ -326,50 +351,52 @@ class _HeadDivergence(torch.autograd.Function):
     backward recomputes both chunks' logits and returns the gradients of h_s and W_s."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, loss, beta, temperature, step, metric):
+    def forward(ctx, h_s, w_s, h_t, w_t, loss, beta, temperature, step, metric, top_k=None):
         total = h_s.new_zeros((), dtype=torch.float32)
         rkl = h_s.new_zeros((), dtype=torch.float32)
         for i in range(0, len(h_s), step):
             s, t = _logits(h_s[i:i + step], w_s), _logits(h_t[i:i + step], w_t)
-            val = _divergence_and_grad(s, t, loss, beta, temperature, grad=False)[0]
+            val = _divergence_and_grad(s, t, loss, beta, temperature, False, top_k)[0]
             total = total + val.sum()
-            if metric is not None:
+            if metric is not None:  # the logged reverse KL is the full-vocabulary one, whatever the loss
                 m = metric[i:i + step]
-                rkl = rkl + (val if loss == "rkl" and temperature == 1 else per_token_divergence(s, t, "rkl"))[m].sum()
+                same = loss == "rkl" and temperature == 1 and not top_k
+                rkl = rkl + (val if same else per_token_divergence(s, t, "rkl"))[m].sum()
         ctx.save_for_backward(h_s, w_s, h_t, w_t)
-        ctx.args = loss, beta, temperature, step
+        ctx.args = loss, beta, temperature, step, top_k
         ctx.mark_non_differentiable(rkl)
         return total, rkl
 
     @staticmethod
     def backward(ctx, grad_out, _):
         h_s, w_s, h_t, w_t = ctx.saved_tensors
-        loss, beta, temperature, step = ctx.args
+        loss, beta, temperature, step, top_k = ctx.args
         gh, gw = torch.empty_like(h_s), torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
         for i in range(0, len(h_s), step):
             s, t = _logits(h_s[i:i + step], w_s), _logits(h_t[i:i + step], w_t)
-            gl = (_divergence_and_grad(s, t, loss, beta, temperature)[1] * grad_out).to(h_s.dtype)
+            gl = (_divergence_and_grad(s, t, loss, beta, temperature, True, top_k)[1] * grad_out).to(h_s.dtype)
             gh[i:i + step] = gl @ w_s.to(h_s.dtype)
             gw += (gl.T @ h_s[i:i + step]).float()
-        return gh, gw.to(w_s.dtype), None, None, None, None, None, None, None
+        return gh, gw.to(w_s.dtype), None, None, None, None, None, None, None, None
 
 
 def head_divergence_loss(h_s, w_s, h_t, w_t, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0,
-                         metric=None):
+                         metric=None, top_k=None):
     """divergence_loss of the logits h_s W_s^T and h_t W_t^T, from the hidden states h [B, T, d] and head
     weights W [V, d], the logits one chunk of positions at a time; differentiable in h_s and W_s.
-    Returns (the loss, the reverse KL summed over the positions of mask & metric (0 when metric is None))."""
+    Returns (the loss, the full-vocabulary reverse KL summed over the positions of mask & metric (0 when
+    metric is None))."""
     on = metric[mask] if metric is not None else None
     total, rkl = _HeadDivergence.apply(h_s[mask], w_s, h_t[mask].detach(), w_t.detach(), loss, beta, temperature,
-                                       chunk_rows(chunk_size, w_s.size(0)), on)
+                                       chunk_rows(chunk_size, w_s.size(0)), on, top_k)
     return total / n_tokens, rkl
 
 
-def head_divergence_sum(h_s, w_s, h_t, w_t, mask, loss, beta=0.5, temperature=1.0, chunk_size=0):
+def head_divergence_sum(h_s, w_s, h_t, w_t, mask, loss, beta=0.5, temperature=1.0, chunk_size=0, top_k=None):
     """divergence_sum from hidden states and head weights, no gradient."""
     with torch.no_grad():
         return _HeadDivergence.apply(h_s[mask], w_s, h_t[mask], w_t, loss, beta, temperature,
-                                     chunk_rows(chunk_size, w_s.size(0)), None)[0]
+                                     chunk_rows(chunk_size, w_s.size(0)), None, top_k)[0]
 
 
 def distill_advantage(t_logprobs, old_logprobs):
@@ -429,9 +456,10 @@ def rl_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
 
 def distill_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
     """The divergence to the teacher (its hidden states t_h, head weight run.t_head) over the full
-    vocabularies, or the sampled estimator (a policy gradient with the teacher's log-ratio as advantage and
-    the rollout's logprobs as p_old, plus --reward-weight x the rows' reward advantage when given; the
-    teacher gives only log p_T of the sampled tokens, and the logged reverse KL is its one-sample estimate).
+    vocabularies (--teacher-top-k: over the teacher's top K and a bucket for the rest), or the sampled
+    estimator (a policy gradient with the teacher's log-ratio as advantage and the rollout's logprobs as
+    p_old, plus --reward-weight x the rows' reward advantage when given; the teacher gives only log p_T of
+    the sampled tokens, and the logged reverse KL is its one-sample estimate).
     --sft-mix: the off-policy rows (another task's ground truth) learn by cross-entropy instead."""
     args, c = run.args, batch.prompt_len
     tgt, m, on = batch.tokens[:, c:], batch.mask[:, c:], batch.on_policy[:, None]
@@ -448,7 +476,7 @@ def distill_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
             adv = adv + args.reward_weight * reward_adv[:, None]
         return policy_gradient_loss(s_lp, old_lp, adv, m, n_tokens), ((old_lp - t_lp) * (m & on)).sum()
     loss, rkl = head_divergence_loss(h, w, t_h, run.t_head, m, args.loss, n_tokens, args.beta, args.loss_temperature,
-                                     args.chunk_size, metric=on.expand_as(m))
+                                     args.chunk_size, metric=on.expand_as(m), top_k=args.teacher_top_k)
     return loss + ce, rkl
 
 
@@ -481,6 +509,9 @@ def add_loss_args(p):
                    "mean = reward - its prompt's group mean; std = that / the group std (GRPO); none = the reward")
     g.add_argument("--reward-weight", type=float, default=0.0, help="distill with --loss sampled: advantage = "
                    "log p_T - log p_S + this * the reward's advantage (distillation plus reward)")
+    g.add_argument("--teacher-top-k", type=int, default=None, metavar="K", help="the divergence over the teacher's "
+                   "K most probable tokens and one bucket for the rest, as a remote teacher can send them (default: "
+                   "the whole vocabulary; K >= vocabulary is the whole vocabulary too)")
     g.add_argument("--chunk-size", type=int, default=0, help="positions per chunk in the losses and metrics "
                    "(0 = as many as fit 2^22 logits: one chunk for the char vocabulary)")
 
@@ -496,6 +527,13 @@ def check_loss_args(args):
             check_divergence(args.loss, args.beta)
         except ValueError as e:
             raise ValueError(f"--loss {args.loss} --beta {args.beta}: {e}")
+    if args.teacher_top_k is not None:
+        if args.teacher_top_k < 1:
+            raise ValueError(f"--teacher-top-k must be >= 1, got {args.teacher_top_k}")
+        if args.stage != "distill" or args.loss == "sampled":
+            raise ValueError("--teacher-top-k applies to a divergence over the vocabulary (--stage distill, --loss "
+                             "not sampled); --loss sampled already reads only the teacher's logprob of the sampled "
+                             "token")
     if args.loss_temperature <= 0:
         raise ValueError(f"--loss-temperature must be > 0, got {args.loss_temperature}")
     if args.loss_temperature != 1 and (args.loss == "sampled" or args.stage != "distill"):

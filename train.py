@@ -207,6 +207,9 @@ def load_models(args):
         return student, fmt, None, None, False, resume_state, files
     teacher, t_fmt = load_teacher(args.teacher)
     cross = check_teacher(t_fmt, fmt, teacher.cfg, args)
+    if cross and args.teacher_top_k is not None:
+        raise ValueError("--teacher-top-k needs the student's tokenizer: the cross-tokenizer losses align spans of "
+                         "text, not the teacher's token ids")
     check_context(fmt, t_fmt if cross else fmt, student.cfg, teacher.cfg, args.max_new_tokens)
     return student, fmt, teacher, t_fmt, cross, resume_state, files
 
