@@ -6,7 +6,9 @@
     python eval_countdown.py --table runs/sweep/rkl-l*/           # Markdown table of distillation runs
     python eval_countdown.py --study runs/study/*/ --reach 0.3 rl  # any stage; compute to reach 30% val, rl's final
     python eval_countdown.py --plot runs/study/*/ --out docs/study.png   # val accuracy vs steps, FLOPs, minutes
-    python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks
+    python eval_countdown.py --show CKPT --teacher DIR [--html f.html]  # where the student forks (forks.py)
+    python eval_countdown.py --show hf/smollm2-135m-instruct --keep-layers 0::3 --teacher hf/smollm2-135m-instruct \
+        --n 4 --max-new-tokens 64 --html forks.html     # a chat model: its every-third-layer student
 
 train.py's evals live here too: the verifier's reward on a batch (rewards), val and test accuracy
 (evaluate), how far the student is from the teacher on held-out prompts (evaluate_teacher_gap: reverse
@@ -34,6 +36,7 @@ from checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
 from data.countdown import TOKENIZER_PATH, countdown_format, load_split, prompt_text
 from data import TASK_SPLITS
 from distributed import all_sum, decoding, optimizer_state_bytes
+from forks import show_forks
 from losses import head_divergence_sum
 from model import forward_from, num_params
 from rollout import generate, left_pad, pack, sample, shared_prompts
@@ -419,57 +422,6 @@ def plot_runs(run_dirs, out):
     plt.close(fig)
 
 
-def show_forks(ckpt, teacher_dir, tokenizer_path, n, seed, temperature, html_path=None, max_new_tokens=24):
-    """Student rollouts with each token shaded by its per-token reverse KL to the teacher."""
-    import html as html_lib
-    from losses import per_token_divergence
-    from teacher import check_same_tokenizer
-    _, student, fmt = load_for_eval(ckpt, tokenizer_path)
-    _, teacher, t_fmt = load_for_eval(teacher_dir, tokenizer_path)
-    check_same_tokenizer(fmt.tok, t_fmt.tok)
-    problems = load_split("test")[:n]
-    ids, valid = left_pad(fmt.prompts(problems), fmt.pad_id)
-    batch = generate(student, ids, valid, max_new_tokens, fmt.eos_ids, fmt.pad_id, temperature=temperature,
-                     generator=torch.Generator().manual_seed(seed))
-    s_logits = student(batch.tokens, batch.pos, batch.valid)[:, :-1]
-    t_logits = teacher(batch.tokens, batch.pos, batch.valid)[:, :-1]
-    kl = per_token_divergence(s_logits.flatten(0, 1), t_logits.flatten(0, 1), "rkl").view(s_logits.shape[:2])
-    shades = [(0.05, 0), (0.3, 229), (1.0, 214), (3.0, 202), (float("inf"), 196)]  # KL thresholds, ANSI 256 colours
-    term, web, tty = [], [], sys.stdout.isatty()
-    for i, ((nums, target, _), comp) in enumerate(zip(problems, batch.completions())):
-        toks, ks = [], []
-        for j in range(batch.prompt_len, batch.tokens.size(1)):
-            if batch.mask[i, j]:
-                t = int(batch.tokens[i, j])
-                # a token's own text (byte-level BPE ids name bytes, not text); newlines shown, not printed
-                piece = fmt.tok.decode([t], skip_special_tokens=False).replace("\n", "\\n")
-                toks.append("<eos>" if t in fmt.eos_ids else piece)
-                ks.append(float(kl[i, j - 1]))
-        ok = fmt.verify(nums, target, fmt.decode(comp[:-1] if comp and comp[-1] in fmt.eos_ids else comp))
-        line = f"{'ok ' if ok else 'BAD'} {prompt_text(nums, target)}"
-        spans = []
-        for t, k in zip(toks, ks):
-            colour = next(c for thr, c in shades if k < thr)
-            if tty:
-                line += f"\x1b[48;5;{colour}m{t}\x1b[0m" if colour else t
-            else:  # a log or a pipe: mark the tokens with KL >= 1 instead of colouring them
-                line += f"[{t}]" if k >= 1.0 else t
-            alpha = min(1.0, k / 3.0)
-            spans.append(f'<span title="rkl {k:.3f}" style="background:rgba(255,0,0,{alpha:.2f})">'
-                         f'{html_lib.escape(t)}</span>')
-        term.append(line + f"   max rkl {max(ks, default=0):.2f}")
-        web.append(f"<div><code>{'ok' if ok else 'BAD'} {html_lib.escape(prompt_text(nums, target))}{''.join(spans)}"
-                   f"</code></div>")
-    print("per-token KL(student || teacher): " + ("none < 0.05 <= yellow < 0.3 <= orange < 1 <= dark orange < 3 "
-                                                  "<= red" if tty else "[token] where >= 1 nat"))
-    print("\n".join(term))
-    if html_path:
-        with open(html_path, "w") as f:
-            f.write("<html><body style='font-size:18px'><p>per-token reverse KL to the teacher (hover for the value)</p>"
-                    + "\n".join(web) + "</body></html>")
-        print(f"wrote {html_path}")
-
-
 @torch.no_grad()  # and grad mode is back on return: main also runs in-process (tests)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -485,13 +437,16 @@ def main(argv=None):
     p.add_argument("--out", help="with --plot: the image file (e.g. docs/study.png)")
     p.add_argument("--show", metavar="CKPT", help="show student rollouts shaded by per-token KL to --teacher")
     p.add_argument("--teacher", help="teacher checkpoint for --show")
-    p.add_argument("--html", help="with --show: also write an HTML file")
+    p.add_argument("--html", help="with --show: also write an HTML page (hover a token: both models' top tokens)")
+    p.add_argument("--keep-layers", metavar="START:STOP:STEP", help="with --show: keep these layers of the shown "
+                   "checkpoint (as train.py --keep-layers, e.g. 0::3: a student pruned from its teacher)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--n", type=int, default=0, help="first N problems of the split (0 = all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer budget in tokens (chat models need more: "
                    "64-256)")
-    p.add_argument("--sample-temperature", type=float, default=None, help="also report sampled accuracy")
+    p.add_argument("--sample-temperature", type=float, default=None, help="also report sampled accuracy (with "
+                   "--show: the rollouts' temperature, default 1; 0 is greedy)")
     p.add_argument("--samples", type=int, default=1, help="samples per problem for sampled accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--examples", type=int, default=5, help="examples to print")
@@ -501,6 +456,8 @@ def main(argv=None):
         p.error("give one of: CKPT, --table RUN_DIR..., --study RUN_DIR..., --plot RUN_DIR... --out FILE, --show CKPT")
     if args.plot and not args.out:
         p.error("--plot needs --out FILE.png")
+    if not args.show and (args.keep_layers or args.html or args.teacher):
+        p.error("--teacher, --html and --keep-layers go with --show")
     try:
         if args.table:
             print(run_table(args.table))
@@ -513,10 +470,13 @@ def main(argv=None):
             print(f"wrote {args.out}")
             return 0
         if args.show:
+            temperature = 1.0 if args.sample_temperature is None else args.sample_temperature
             if not args.teacher:
                 p.error("--show needs --teacher DIR")
-            show_forks(args.show, args.teacher, args.tokenizer, args.n or 8, args.seed,
-                       args.sample_temperature or 1.0, args.html, args.max_new_tokens)
+            if args.n < 0 or args.max_new_tokens < 1 or temperature < 0:
+                p.error("--show needs --n >= 0, --max-new-tokens >= 1 and --sample-temperature >= 0")
+            show_forks(args.show, args.teacher, args.tokenizer, args.n or 8, args.seed, temperature, args.html,
+                       args.max_new_tokens, args.split, args.keep_layers, sys.stdout.isatty())
             return 0
     except (CheckpointError, ValueError) as e:
         print(f"eval_countdown.py: error: {e}", file=sys.stderr)

@@ -42,7 +42,7 @@ def test_show_prints_rollouts_and_html(ckpts, tmp_path, capsys):
     assert eval_countdown.main(["--show", student, "--teacher", teacher, "--n", "3", "--html", str(html)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert sum(l.startswith(("ok ", "BAD")) for l in out) == 3
-    assert html.read_text().count("<div>") == 3 and "rkl" in html.read_text()
+    assert html.read_text().count('<div class="row">') == 3 and "rkl" in html.read_text()  # tests/test_forks.py: the rest
 
 
 def fake_run(root, name, seed, curve, before=0.2, after=0.4, teacher=None, steps=300):
