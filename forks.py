@@ -133,7 +133,7 @@ h1{font-size:18px;margin:0}p{margin:.3em 0;line-height:1.5}
 .g{display:grid;grid-template-columns:repeat(2,auto) 1.5em repeat(2,auto);justify-content:start;margin-top:.3em}
 .g u{text-decoration:none;color:#555}.g code{background:#f2f2f2;padding:0 .2em}.g code.me{outline:1px solid #c00}
 .g i{font-style:normal;text-align:right;padding-left:.6em}
-.ws{color:#999}
+.ws{color:#0008}
 .legend span{padding:0 .5em;border:1px solid #ccc}
 """ + "".join(f".s{i}{{background:{css}}}" for i, (_, _, css) in enumerate(SHADES))
 
