@@ -75,12 +75,15 @@ def flops_head(cfg, positions):
     return 2 * positions * cfg.d_model * cfg.vocab_size
 
 
-def flops_fused_loss(s_cfg, t_cfg, positions, teacher_passes=2):
-    """losses.head_* on `positions` positions: the student's head in the loss's forward, again in its backward
-    (recomputed) and its two gradient matmuls (4 heads); the teacher's head in the forward and again in the
-    backward (teacher_passes=2), once where nothing of it is differentiated (1: the sampled loss, the reverse
-    KL of an eval), not at all without a teacher (t_cfg None: SFT, RL)."""
-    return 4 * flops_head(s_cfg, positions) + (teacher_passes * flops_head(t_cfg, positions) if t_cfg else 0)
+def flops_fused_loss(s_cfg, t_cfg, positions, sampled=False):
+    """losses.head_* on `positions` positions. A divergence to the teacher (t_cfg, not sampled): each model's
+    head once and the student's two gradient matmuls, formed in the forward (3 student heads, 1 teacher).
+    Per-token log-probabilities (SFT, RL: t_cfg None; the sampled loss): the student's head in the forward,
+    again in the backward (recomputed) and its two gradient matmuls (4 heads), and with the sampled loss the
+    teacher's head once for log p_T of the sampled tokens."""
+    if t_cfg is not None and not sampled:
+        return 3 * flops_head(s_cfg, positions) + flops_head(t_cfg, positions)
+    return 4 * flops_head(s_cfg, positions) + (flops_head(t_cfg, positions) if t_cfg else 0)
 
 
 def flops_train_step(s_cfg, t_cfg, batch, prefill_rows, cross_batch=None, sampled=False, recompute=False):
@@ -99,4 +102,4 @@ def flops_train_step(s_cfg, t_cfg, batch, prefill_rows, cross_batch=None, sample
     teacher = flops_score(t_cfg, B, P, T, prefill_rows, head=False) if t_cfg is not None else 0
     student = (4 * flops_score(s_cfg, B, P, T, head=False) if recompute
                else 3 * flops_score(s_cfg, B, P, T, prefill_rows, head=False))
-    return teacher + student + flops_fused_loss(s_cfg, t_cfg, batch.mask.sum().item(), 1 if sampled else 2)
+    return teacher + student + flops_fused_loss(s_cfg, t_cfg, batch.mask.sum().item(), sampled)

@@ -304,7 +304,8 @@ def divergence_loss(s_logits, t_logits, mask, loss, n_tokens, beta=0.5, temperat
 
 # ------------------------------------------------------------------- the output head fused with the loss
 # The same losses from each model's final hidden states h [positions, d] and head weight W [V, d]: the logits
-# h W^T exist one chunk of positions at a time, in forward and again in backward (recomputed), so neither
+# h W^T exist one chunk of positions at a time (a divergence forms its gradients in the same pass; token
+# log-probabilities, whose gradient weights are known only in backward, recompute them there), so neither
 # model ever holds [positions, V] logits, their log-softmax or their gradient (Liger / cut-cross-entropy,
 # in plain PyTorch). The student's part runs inside its forward (GPT.forward's head=), where FSDP holds W.
 
@@ -347,37 +348,43 @@ def head_token_logprobs(h, w, tokens, mask, chunk_size=0):
 
 class _HeadDivergence(torch.autograd.Function):
     """Sum over positions of the divergence between softmax(h_s W_s^T) and softmax(h_t W_t^T), a chunk at a
-    time, and (metric: a bool per position, or None) the sum of the reverse KL over the marked positions;
-    backward recomputes both chunks' logits and returns the gradients of h_s and W_s."""
+    time, and (metric: a bool per position, or None) the sum of the reverse KL over the marked positions.
+
+    When h_s or W_s needs a gradient, the forward forms it too: each chunk's softmax serves its value and its
+    gradient, and only the gradients of h_s [positions, d] and W_s [V, d] outlive the chunk. The loss is a sum,
+    so backward only scales them by grad_out: nothing is recomputed (the logits once per chunk, not twice), and
+    W_s's gradient, the one large tensor, would exist at that point of backward anyway. Backward runs once."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, loss, beta, temperature, step, metric, top_k=None):
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = h_s.new_zeros((), dtype=torch.float32)
         rkl = h_s.new_zeros((), dtype=torch.float32)
+        if grad:
+            gh, gw = torch.empty_like(h_s), torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
         for i in range(0, len(h_s), step):
             s, t = _logits(h_s[i:i + step], w_s), _logits(h_t[i:i + step], w_t)
-            val = _divergence_and_grad(s, t, loss, beta, temperature, False, top_k)[0]
+            val, gl = _divergence_and_grad(s, t, loss, beta, temperature, grad, top_k)
             total = total + val.sum()
             if metric is not None:  # the logged reverse KL is the full-vocabulary one, whatever the loss
                 m = metric[i:i + step]
                 same = loss == "rkl" and temperature == 1 and not top_k
                 rkl = rkl + (val if same else per_token_divergence(s, t, "rkl"))[m].sum()
-        ctx.save_for_backward(h_s, w_s, h_t, w_t)
-        ctx.args = loss, beta, temperature, step, top_k
+            if grad:
+                gl = gl.to(h_s.dtype)
+                gh[i:i + step] = gl @ w_s.to(h_s.dtype)
+                gw += (gl.T @ h_s[i:i + step]).float()
+        ctx.grads = (gh, gw.to(w_s.dtype)) if grad else None
         ctx.mark_non_differentiable(rkl)
         return total, rkl
 
     @staticmethod
     def backward(ctx, grad_out, _):
-        h_s, w_s, h_t, w_t = ctx.saved_tensors
-        loss, beta, temperature, step, top_k = ctx.args
-        gh, gw = torch.empty_like(h_s), torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
-        for i in range(0, len(h_s), step):
-            s, t = _logits(h_s[i:i + step], w_s), _logits(h_t[i:i + step], w_t)
-            gl = (_divergence_and_grad(s, t, loss, beta, temperature, True, top_k)[1] * grad_out).to(h_s.dtype)
-            gh[i:i + step] = gl @ w_s.to(h_s.dtype)
-            gw += (gl.T @ h_s[i:i + step]).float()
-        return gh, gw.to(w_s.dtype), None, None, None, None, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("_HeadDivergence: backward runs once (its gradients were formed in forward)")
+        gh, gw = ctx.grads
+        ctx.grads = None  # freed as soon as autograd has them
+        return gh.mul_(grad_out), gw.mul_(grad_out), None, None, None, None, None, None, None, None
 
 
 def head_divergence_loss(h_s, w_s, h_t, w_t, mask, loss, n_tokens, beta=0.5, temperature=1.0, chunk_size=0,
