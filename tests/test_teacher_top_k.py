@@ -216,3 +216,19 @@ def test_the_distill_objective_reads_the_flag(loss):
     torch.testing.assert_close(out[4][0], want, rtol=1e-5, atol=1e-7)
     assert abs(out[4][0] - out[None][0]) > 1e-4 and not torch.equal(out[4][2][-1], out[None][2][-1])
     torch.testing.assert_close(out[4][1], out[None][1])  # the full-vocabulary reverse KL of the on-policy rows
+
+
+def test_the_bias_tool_on_the_shipped_pair(capsys):
+    """tools/topk_bias.py: K >= V (the char vocabulary) is the full loss and gradient; K = 1 is not; the last
+    line is one JSON object."""
+    import json
+    import topk_bias
+    topk_bias.main(["--rows", "4", "--ks", "1,64", "--losses", "rkl,jsd"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["vocab"] < 64 and out["bytes_per_position"]["top1"] == 12
+    for r in out["results"]:
+        if r["k"] == 64:
+            assert abs(r["rel_loss"]) < 1e-6 and r["logits"]["cos"] > 1 - 1e-9 and r["params"]["rel_norm"] < 1e-5
+            assert r["teacher_tail"] == 0
+        else:
+            assert abs(r["rel_loss"]) > 1e-3 and r["logits"]["rel_norm"] > 1e-3 and r["teacher_tail"] > 0
