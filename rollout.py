@@ -173,21 +173,29 @@ def start_decoding(model, ids, pos, valid, cache_len, groups, compile):
     return logits, lambda tok, p, live: step(model, tok, p, live, cache).clone()
 
 
-def speculative_choice(proposal, t_logits, top_k, temperature, noise):
-    """Speculative KD (Xu et al. 2024): keep the student's proposal where it is among the teacher's top_k
-    tokens (ties at the k-th logit count as inside), else take a token drawn from the teacher's top_k at
-    the same temperature. top_k = vocabulary keeps every proposal (plain on-policy sampling); top_k = 1
-    takes the teacher's greedy token at every position. Returns (tokens [B], kept [B])."""
+SKD_REPLACE = ("full", "top_k")  # --skd-replace: where a rejected proposal's replacement is drawn from
+
+
+def speculative_choice(proposal, t_logits, top_k, temperature, noise, replace="full"):
+    """Speculative KD (Xu et al. 2024, Algorithm 1): keep the student's proposal where it is among the
+    teacher's top_k tokens (ties at the k-th logit count as inside), else replace it by a token drawn from
+    the teacher at the same temperature: from its whole distribution (replace="full", the paper's rule) or
+    from its top_k only (replace="top_k"). top_k = vocabulary keeps every proposal (plain on-policy
+    sampling); top_k = 1 keeps only the teacher's greedy token, and "top_k" then replaces every other
+    proposal by it (the teacher's greedy decoding). Returns (tokens [B], kept [B])."""
+    if replace not in SKD_REPLACE:
+        raise ValueError(f"speculative KD replace must be one of {SKD_REPLACE}, got {replace!r}")
     inside = t_logits >= torch.topk(t_logits, top_k, dim=-1).values[:, -1:]  # one top-k for both uses
     kept = inside.gather(-1, proposal[:, None]).squeeze(-1)
-    own = sample_token(t_logits.masked_fill(~inside, float("-inf")), temperature, noise=noise)
+    pool = t_logits if replace == "full" else t_logits.masked_fill(~inside, float("-inf"))
+    own = sample_token(pool, temperature, noise=noise)
     return torch.where(kept, proposal, own), kept
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None,
              generator=None, rows=None, n_rows=None, share_prompts=True, compile=False, cache_len=None,
-             teacher=None, skd_top_k=None, teacher_generator=None):
+             teacher=None, skd_top_k=None, teacher_generator=None, skd_replace="full"):
     """Sample completions for left-padded prompts with a preallocated KV cache.
 
     rows / n_rows: these B prompts are rows `rows` (a LongTensor [B]) of a global batch of n_rows
@@ -205,11 +213,11 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
     compile: decode with compiled_decode_step over a StaticKVCache of cache_len slots (default P +
     max_new_tokens; give the longest prompt + max_new_tokens, so batches of shorter prompts reuse the
     compiled step). The same tokens as the eager step, given the same noise, up to float rounding.
-    teacher, skd_top_k, teacher_generator: speculative KD. The teacher (same tokenizer) decodes beside the
-    model with its own cache; at each position the model's sample is a proposal that the teacher keeps or
-    replaces (speculative_choice), drawing its replacements' noise from teacher_generator (so that keeping
-    every proposal samples exactly what plain decoding samples), and both models continue from the chosen
-    token. Batch.kept marks the kept proposals.
+    teacher, skd_top_k, teacher_generator, skd_replace: speculative KD. The teacher (same tokenizer) decodes
+    beside the model with its own cache; at each position the model's sample is a proposal that the teacher
+    keeps or replaces (speculative_choice, skd_replace: from its whole distribution or its top k), drawing its
+    replacements' noise from teacher_generator (so that keeping every proposal samples exactly what plain
+    decoding samples), and both models continue from the chosen token. Batch.kept marks the kept proposals.
     Returns a Batch whose logprobs are log-softmax of the model's (untempered) logits at the sampled tokens."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -247,7 +255,7 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
             if temperature > 0:
                 t_noise = torch.rand(n_rows, V, generator=teacher_generator, device=device)
                 t_noise = t_noise if rows is None else t_noise[rows]
-            tok, kept[:, t] = speculative_choice(tok, t_logits, skd_top_k, temperature, t_noise)
+            tok, kept[:, t] = speculative_choice(tok, t_logits, skd_top_k, temperature, t_noise, skd_replace)
             kept[:, t] &= running
         tok = torch.where(running, tok, pad_id)
         lp = F.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
@@ -314,7 +322,7 @@ def sample(model, prompts, run, step, stream, teacher=None):
     sampled from `model` for this rank's share of the step's rows of a stream (0: the student's on-policy
     rows, 1: the teacher's seq-KD rows). Seeded by (seed, step, stream) on every rank and drawn per global
     row, so N processes sample what one does. teacher: speculative KD, the teacher keeping or replacing each
-    of the model's proposals (speculative_choice), its noise from its own seed.
+    of the model's proposals (speculative_choice, --skd-top-k, --skd-replace), its noise from its own seed.
     run: train.Run (reads args, pad, eos, rank, world, device, cache_len)."""
     args = run.args
     g = torch.Generator(run.device).manual_seed(rollout_seed(args.seed, step, stream))
@@ -324,7 +332,8 @@ def sample(model, prompts, run, step, stream, teacher=None):
     skd = {}
     if teacher is not None:
         skd = dict(teacher=decode_replica(teacher, run.device) if args.compile else teacher,
-                   skd_top_k=args.skd_top_k, teacher_generator=torch.Generator(run.device).manual_seed(
+                   skd_top_k=args.skd_top_k, skd_replace=args.skd_replace,
+                   teacher_generator=torch.Generator(run.device).manual_seed(
                        rollout_seed(args.seed, step, stream) + (1 << 48)))  # no step's stream seed
     with decoding(decoder), decoding(skd.get("teacher")):
         batch = generate(decoder, ids, valid, args.max_new_tokens, run.eos, run.pad, temperature=args.temperature,
@@ -369,7 +378,8 @@ def student_rollout(model, teacher, prompts, run, step):
 
 def skd_rollout(model, teacher, prompts, run, step):
     """Speculative KD (Xu et al. 2024): the student proposes each token, the teacher keeps it when it is in
-    the teacher's top --skd-top-k and replaces it by its own otherwise (rollout.speculative_choice)."""
+    the teacher's top --skd-top-k and replaces it otherwise by a draw from its whole distribution, or from
+    its top k with --skd-replace top_k (rollout.speculative_choice)."""
     return sample(model, prompts, run, step, 0, teacher)
 
 
@@ -387,8 +397,11 @@ def add_rollout_args(p):
     g.add_argument("--rollout", default="student", choices=list(ROLLOUTS), help="how the on-policy rows' "
                    "completions are made (rollout.ROLLOUTS): the student samples (student), or speculative KD: the "
                    "teacher keeps each student token that is in its top --skd-top-k and replaces the others (skd)")
-    g.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: the teacher's top k (vocabulary = "
-                   "plain on-policy sampling, 1 = the teacher's greedy tokens)")
+    g.add_argument("--skd-top-k", type=int, default=5, help="--rollout skd: a proposal in the teacher's top k is "
+                   "kept (vocabulary = plain on-policy sampling)")
+    g.add_argument("--skd-replace", default="full", choices=SKD_REPLACE, help="--rollout skd: a rejected proposal's "
+                   "replacement is drawn from the teacher's whole distribution (full, Xu et al.'s Algorithm 1) or "
+                   "from its top --skd-top-k (top_k; with --skd-top-k 1 the teacher's greedy decoding)")
     g.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
                    "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
 

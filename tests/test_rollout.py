@@ -1,6 +1,7 @@
 """rollout.py on tiny random models (CPU, fp32): the KV-cached sampler against naive references (greedy
 decode recomputing the whole sequence, full recompute fed the same Gumbel noise, the exact tempered
 softmax), the batch layout and masks, and the shared-prompt prefill against prefilling every row."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -218,29 +219,34 @@ def sharp(model):
     return model
 
 
+@pytest.mark.parametrize("replace,K", [("full", 5), ("full", 1), ("top_k", 5), ("top_k", 1)])
 @torch.no_grad()
-def test_speculative_rollout_equals_full_recompute():
-    """Speculative KD, top 5 of 23: every row recomputed from scratch by both models, the student proposing
-    from the generator's noise and the teacher replacing proposals outside its top 5 with a draw from its
-    top 5 (its own noise), gives the cached rollout's tokens, kept flags and student logprobs."""
+def test_speculative_rollout_equals_full_recompute(replace, K):
+    """Speculative KD, top K of 23: every row recomputed from scratch by both models, the student proposing
+    from the generator's noise and the teacher replacing proposals outside its top K with a draw from its
+    whole distribution (full) or its top K (top_k), its own noise, gives the cached rollout's tokens, kept
+    flags and student logprobs."""
     student, teacher = sharp(tiny_model(5).eval()), sharp(tiny_model(8, n_layer=3).eval())
     ps = [p for p in random_prompts(5, lengths=(2, 6, 4)) for _ in range(2)] + random_prompts(6, lengths=(7,))
     ids, valid = left_pad(ps, PAD)
-    B, N, V, K = len(ps), 10, 23, 5
+    B, N, V = len(ps), 10, 23
     b = generate(student, ids, valid, N, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(3),
-                 teacher=teacher, skd_top_k=K, teacher_generator=torch.Generator().manual_seed(4))
+                 teacher=teacher, skd_top_k=K, teacher_generator=torch.Generator().manual_seed(4), skd_replace=replace)
     g, tg = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
-    seqs, kept, lps, done = [list(p) for p in ps], [[] for _ in ps], [[] for _ in ps], [False] * B
+    seqs, done = [list(p) for p in ps], [False] * B
+    kept, lps = [[] for _ in ps], [[] for _ in ps]
     for _ in range(N):
         noise, t_noise = torch.rand(B, V, generator=g), torch.rand(B, V, generator=tg)
         for i in range(B):
             if done[i]:
                 continue
-            s_logits, t_logits = student(torch.tensor([seqs[i]]))[0, -1], teacher(torch.tensor([seqs[i]]))[0, -1]
+            s_logits = student(torch.tensor([seqs[i]]))[0, -1]
+            t_logits = teacher(torch.tensor([seqs[i]]))[0, -1]
             proposal = int((s_logits - torch.log(-torch.log(noise[i]))).argmax())
             top = set(torch.topk(t_logits, K).indices.tolist())
-            masked = t_logits.masked_fill(t_logits < torch.topk(t_logits, K).values[-1], float("-inf"))
-            tok = proposal if proposal in top else int((masked - torch.log(-torch.log(t_noise[i]))).argmax())
+            pool = t_logits if replace == "full" else t_logits.masked_fill(
+                t_logits < torch.topk(t_logits, K).values[-1], float("-inf"))
+            tok = proposal if proposal in top else int((pool - torch.log(-torch.log(t_noise[i]))).argmax())
             seqs[i].append(tok)
             kept[i].append(proposal in top)
             lps[i].append(float(F.log_softmax(s_logits, -1)[tok]))
@@ -249,23 +255,62 @@ def test_speculative_rollout_equals_full_recompute():
     assert b.completion_values(b.kept) == kept and 0 < sum(map(sum, kept)) < sum(map(len, kept))
     for got, want in zip(b.completion_logprobs(), lps):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    if K == 1 and replace == "full":  # some replacements were not the teacher's greedy token
+        greedy = [[int(teacher(torch.tensor([s[:len(p) + j]]))[0, -1].argmax()) for j in range(len(s) - len(p))]
+                  for s, p in zip(seqs, ps)]
+        assert any(t != g for s, p, gr in zip(seqs, ps, greedy) for t, g in zip(s[len(p):], gr))
 
 
 @torch.no_grad()
 def test_speculative_rollout_ends():
-    """Top k = the vocabulary keeps every proposal: plain sampling, token for token. Top 1 takes the teacher's
-    greedy token everywhere, whatever the student proposes."""
+    """Top k = the vocabulary keeps every proposal: plain sampling, token for token (either replacement).
+    Top 1 with top_k replacement takes the teacher's greedy token everywhere, whatever the student proposes."""
     student, teacher = sharp(tiny_model(5).eval()), sharp(tiny_model(8, n_layer=3).eval())
     ids, valid = left_pad(random_prompts(5, lengths=(2, 6, 4, 3)), PAD)
     run = lambda **kw: generate(student, ids, valid, 10, EOS, PAD, temperature=1.0,  # noqa: E731
                                 generator=torch.Generator().manual_seed(3), **kw)
-    skd = lambda k: run(teacher=teacher, skd_top_k=k, teacher_generator=torch.Generator().manual_seed(4))  # noqa: E731
-    plain, every = run(), skd(23)
-    assert torch.equal(plain.tokens, every.tokens) and torch.equal(every.kept, every.mask)
+    skd = lambda k, replace: run(teacher=teacher, skd_top_k=k, skd_replace=replace,  # noqa: E731
+                                 teacher_generator=torch.Generator().manual_seed(4))
+    plain = run()
+    for replace in ("full", "top_k"):
+        every = skd(23, replace)
+        assert torch.equal(plain.tokens, every.tokens) and torch.equal(every.kept, every.mask)
+        torch.testing.assert_close(plain.logprobs, every.logprobs, rtol=0, atol=0)
     greedy = generate(teacher, ids, valid, 10, EOS, PAD, temperature=0.0)
-    one = skd(1)
+    one = skd(1, "top_k")
     assert torch.equal(one.tokens, greedy.tokens) and not torch.equal(one.tokens, plain.tokens)
     assert 0 < one.kept.sum() < one.mask.sum()  # some proposals were the teacher's greedy token
+    with pytest.raises(ValueError, match="replace must be one of"):
+        skd(3, "topk")
+
+
+def test_speculative_choice_draws_rejected_proposals_from_the_teacher():
+    """speculative_choice against the exact distributions, 200k rows of one teacher distribution over 7
+    tokens: a proposal inside the top K is kept; one outside is replaced by a draw from the teacher's whole
+    tempered softmax (full; Xu et al.'s Algorithm 1: tokens outside the top K too) or from its top K only
+    (top_k). At K = 1 only the argmax proposal is kept."""
+    from rollout import speculative_choice
+    g = torch.Generator().manual_seed(0)
+    t_logits = torch.randn(1, 7, generator=g, dtype=torch.float64).float() * 1.5
+    order = t_logits[0].argsort(descending=True).tolist()
+    n = 200_000
+    for temp, K, replace in ((1.0, 1, "full"), (0.7, 3, "full"), (1.0, 3, "top_k"), (1.3, 1, "top_k")):
+        inside, outside = order[K - 1], order[K]  # the k-th best token, and the best one outside the top K
+        for proposal in (inside, outside):
+            toks, kept = speculative_choice(torch.full((n,), proposal), t_logits.expand(n, 7), K, temp,
+                                            torch.rand(n, 7, generator=g), replace)
+            if proposal == inside:
+                assert kept.all() and (toks == proposal).all()
+                continue
+            assert not kept.any()
+            z = t_logits[0].double() / temp
+            if replace == "top_k":
+                z = z.masked_fill(z < z.topk(K).values[-1], float("-inf"))
+            p = torch.softmax(z, -1)
+            freq = torch.bincount(toks, minlength=7).double() / n
+            assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (temp, K, replace, freq, p)
+            if replace == "full":
+                assert freq[order[K:]].sum() > 0.01  # the paper's rule reaches outside the top K
 
 
 def test_a_rollout_scheme_registered_in_rollouts_is_a_train_flag_and_makes_the_batch(monkeypatch):
