@@ -12,6 +12,10 @@ A batch is a left-padded block of prompts followed by a completion region:
                          samples): metrics and the sampled estimator select rows by it, never by position
     kept      [B, P+N]   speculative KD only: the completion tokens that are the student's own, kept by the
                          teacher (None otherwise)
+    teacher_hidden [B, P+N, d]  speculative KD only: at each completion token of an on-policy row, the teacher's
+                         final-normed hidden state that predicted it while decoding (what teacher.score with
+                         hidden_states=True returns there), 0 elsewhere; the step's loss reads it instead of
+                         running the teacher again (teacher.teacher_scores). None otherwise
 
 Positions come from `valid` (model.positions_from_valid), so a row scores the same at any padding.
 Rollouts and given completions are packed together into one batch by `pack`.
@@ -45,6 +49,7 @@ class Batch:
     logprobs: torch.Tensor
     on_policy: torch.Tensor
     kept: torch.Tensor = None  # speculative KD rollouts: the student's proposals the teacher kept [B, P+N]
+    teacher_hidden: torch.Tensor = None  # speculative KD rollouts: the teacher's hidden states [B, P+N, d]
 
     @property
     def pos(self):
@@ -66,7 +71,7 @@ class Batch:
         T = max(self.prompt_len + 1, int(self.valid[rows].any(0).nonzero().max()) + 1)
         cut = lambda t: None if t is None else t[rows, :T]  # noqa: E731
         return Batch(cut(self.tokens), cut(self.valid), cut(self.mask), self.prompt_len, cut(self.logprobs),
-                     self.on_policy[rows], cut(self.kept))
+                     self.on_policy[rows], cut(self.kept), cut(self.teacher_hidden))
 
     def completion_values(self, t):
         """t [B, P+N] at each row's completion tokens, as lists (aligned with completions)."""
@@ -87,12 +92,13 @@ def left_pad(seqs, pad_id, device=None):
     return ids.to(device), valid.to(device)
 
 
-def pack(prompts, completions, pad_id, device=None, logprobs=None, on_policy=None, kept=None):
+def pack(prompts, completions, pad_id, device=None, logprobs=None, on_policy=None, kept=None, teacher_hidden=None):
     """Prompts (id lists, left-padded) + completions (id lists up to and including EOS, right-padded).
 
     logprobs: per row, the sampling-time logprobs of its completion tokens (a list of floats), or None for
     a given row; on_policy: per row, whether the student sampled it (default: no row); kept: per row, which
-    of its completion tokens were kept student proposals (speculative KD), or None."""
+    of its completion tokens were kept student proposals (speculative KD), or None; teacher_hidden: per row,
+    the teacher's hidden states that predicted its completion tokens [len, d] (speculative KD), or None."""
     ids, pvalid = left_pad(prompts, pad_id)
     B, N = len(prompts), max(len(c) for c in completions)
     comp = torch.full((B, N), pad_id, dtype=torch.long)
@@ -100,6 +106,10 @@ def pack(prompts, completions, pad_id, device=None, logprobs=None, on_policy=Non
     lps = torch.zeros(B, ids.size(1) + N)
     kmask = torch.zeros(B, ids.size(1) + N, dtype=torch.bool)
     P = ids.size(1)
+    hidden = None
+    if teacher_hidden is not None:
+        some = next(h for h in teacher_hidden if h is not None)
+        hidden = torch.zeros(B, P + N, some.size(-1), dtype=some.dtype, device=some.device)
     for i, c in enumerate(completions):
         comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         cmask[i, :len(c)] = True
@@ -107,11 +117,14 @@ def pack(prompts, completions, pad_id, device=None, logprobs=None, on_policy=Non
             lps[i, P:P + len(c)] = torch.tensor(logprobs[i])
         if kept is not None and kept[i] is not None:
             kmask[i, P:P + len(c)] = torch.tensor(kept[i], dtype=torch.bool)
+        if teacher_hidden is not None and teacher_hidden[i] is not None:
+            hidden[i, P:P + len(c)] = teacher_hidden[i]
     flags = torch.tensor([False] * B if on_policy is None else list(on_policy), dtype=torch.bool)
     return Batch(tokens=torch.cat([ids, comp], 1).to(device), valid=torch.cat([pvalid, cmask], 1).to(device),
                  mask=torch.cat([torch.zeros_like(pvalid), cmask], 1).to(device), prompt_len=P,
                  logprobs=lps.to(device), on_policy=flags.to(device),
-                 kept=kmask.to(device) if kept is not None else None)
+                 kept=kmask.to(device) if kept is not None else None,
+                 teacher_hidden=hidden.to(device) if hidden is not None else None)
 
 
 def sample_token(logits, temperature, top_k=None, generator=None, noise=None):
@@ -132,9 +145,17 @@ def sample_token(logits, temperature, top_k=None, generator=None, noise=None):
     return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
-def decode_step(model, tok, pos, live, cache):
-    """One token per row [B, 1] through the model, appended to the cache: the next-token logits [B, V]."""
-    return model(tok, pos, live, cache)[:, -1]
+def decode_step(model, tok, pos, live, cache, head=None):
+    """One token per row [B, 1] through the model, appended to the cache: the next-token logits [B, V] (or
+    head(h, W) of its hidden state, as GPT.forward)."""
+    return model(tok, pos, live, cache, head=head)[:, -1]
+
+
+def hidden_and_logits(h, w):
+    """A forward's head= that returns the final-normed hidden states and the logits side by side [..., d + V]:
+    one tensor, which the decode step (and its CUDA graph) returns as it returns the logits. The speculative
+    KD teacher decodes with it, so the step's loss can reuse its hidden states (Batch.teacher_hidden)."""
+    return torch.cat([h, F.linear(h, w)], -1)
 
 
 _compiled, _static_caches = {}, {}
@@ -159,18 +180,19 @@ def static_cache(model, cache):
     return _static_caches[key].load(cache)
 
 
-def start_decoding(model, ids, pos, valid, cache_len, groups, compile):
+def start_decoding(model, ids, pos, valid, cache_len, groups, compile, head=None):
     """Prefill the prompts: (the last column's logits [B, V], a function (tok, pos, live) -> the next
-    logits that appends one token per row to the model's cache)."""
-    logits, cache = prefill(model, ids, pos, valid, cache_len, groups)
+    logits that appends one token per row to the model's cache). head: as GPT.forward's, in place of the
+    logits."""
+    logits, cache = prefill(model, ids, pos, valid, cache_len, groups, head=head)
     if not compile:
-        return logits, lambda tok, p, live: decode_step(model, tok, p, live, cache)
+        return logits, lambda tok, p, live: decode_step(model, tok, p, live, cache, head)
     cache, step = static_cache(model, cache), compiled_decode_step(ids.device.type)
     if ids.device.type != "cuda":
-        return logits, lambda tok, p, live: step(model, tok, p, live, cache)
+        return logits, lambda tok, p, live: step(model, tok, p, live, cache, head)
     # a CUDA graph's output is overwritten by the next replay of any graph of the pool (the teacher's step,
     # with speculative KD): copy it out
-    return logits, lambda tok, p, live: step(model, tok, p, live, cache).clone()
+    return logits, lambda tok, p, live: step(model, tok, p, live, cache, head).clone()
 
 
 SKD_REPLACE = ("full", "top_k")  # --skd-replace: where a rejected proposal's replacement is drawn from
@@ -217,7 +239,8 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
     beside the model with its own cache; at each position the model's sample is a proposal that the teacher
     keeps or replaces (speculative_choice, skd_replace: from its whole distribution or its top k), drawing its
     replacements' noise from teacher_generator (so that keeping every proposal samples exactly what plain
-    decoding samples), and both models continue from the chosen token. Batch.kept marks the kept proposals.
+    decoding samples), and both models continue from the chosen token. Batch.kept marks the kept proposals,
+    Batch.teacher_hidden holds the teacher's hidden state that predicted each completion token.
     Returns a Batch whose logprobs are log-softmax of the model's (untempered) logits at the sampled tokens."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -228,9 +251,11 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
     logits, step = start_decoding(model, prompt_ids, pos, prompt_valid, cache_len or P + max_new_tokens, groups,
                                   compile)
     if teacher is not None:
-        t_logits, t_step = start_decoding(teacher, prompt_ids, pos, prompt_valid, cache_len or P + max_new_tokens,
-                                          groups, compile)
+        t_out, t_step = start_decoding(teacher, prompt_ids, pos, prompt_valid, cache_len or P + max_new_tokens,
+                                       groups, compile, head=hidden_and_logits)
+        d = teacher.cfg.d_model  # t_out is [hidden d | logits V]
         kept = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+        t_hidden = torch.zeros(B, max_new_tokens, d, dtype=t_out.dtype, device=device)
     next_pos = pos[:, -1] + 1  # the last prompt column is real in every row (left padding)
     toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
@@ -255,7 +280,8 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
             if temperature > 0:
                 t_noise = torch.rand(n_rows, V, generator=teacher_generator, device=device)
                 t_noise = t_noise if rows is None else t_noise[rows]
-            tok, kept[:, t] = speculative_choice(tok, t_logits, skd_top_k, temperature, t_noise, skd_replace)
+            t_hidden[:, t] = torch.where(running[:, None], t_out[:, :d], 0)
+            tok, kept[:, t] = speculative_choice(tok, t_out[:, d:], skd_top_k, temperature, t_noise, skd_replace)
             kept[:, t] &= running
         tok = torch.where(running, tok, pad_id)
         lp = F.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
@@ -272,14 +298,16 @@ def generate(model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, te
         if t + 1 < max_new_tokens:
             logits = step(tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1])
             if teacher is not None:
-                t_logits = t_step(tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1])
+                t_out = t_step(tok[:, None], (next_pos + t)[:, None], live[:, t:t + 1])
     toks, lps, live = toks[:, :n], lps[:, :n], live[:, :n]
     zeros = torch.zeros_like(prompt_valid)
     return Batch(tokens=torch.cat([prompt_ids, toks], 1), valid=torch.cat([prompt_valid, live], 1),
                  mask=torch.cat([zeros, live], 1), prompt_len=P,
                  logprobs=torch.cat([torch.zeros(B, P, device=device), lps], 1),
                  on_policy=torch.ones(B, dtype=torch.bool, device=device),
-                 kept=torch.cat([zeros, kept[:, :n]], 1) if teacher is not None else None)
+                 kept=torch.cat([zeros, kept[:, :n]], 1) if teacher is not None else None,
+                 teacher_hidden=torch.cat([t_hidden.new_zeros(B, P, d), t_hidden[:, :n]], 1)
+                 if teacher is not None else None)
 
 
 # ---------------------------------------------------------------------- a training step's rows and completions
@@ -320,9 +348,17 @@ def rollout_seed(seed, step, stream):
 def sample(model, prompts, run, step, stream, teacher=None):
     """(completions, their logprobs, the FLOPs it took, which tokens were kept proposals or None) as lists,
     sampled from `model` for this rank's share of the step's rows of a stream (0: the student's on-policy
-    rows, 1: the teacher's seq-KD rows). Seeded by (seed, step, stream) on every rank and drawn per global
-    row, so N processes sample what one does. teacher: speculative KD, the teacher keeping or replacing each
-    of the model's proposals (speculative_choice, --skd-top-k, --skd-replace), its noise from its own seed.
+    rows, 1: the teacher's seq-KD rows): sample_batch's batch as lists."""
+    batch, flops = sample_batch(model, prompts, run, step, stream, teacher)
+    kept = batch.completion_values(batch.kept) if teacher is not None else None
+    return batch.completions(), batch.completion_logprobs(), flops, kept
+
+
+def sample_batch(model, prompts, run, step, stream, teacher=None):
+    """(rollout.generate's Batch, the FLOPs it took) of `model`'s samples for this rank's share of the step's
+    rows of a stream. Seeded by (seed, step, stream) on every rank and drawn per global row, so N processes
+    sample what one does. teacher: speculative KD, the teacher keeping or replacing each of the model's
+    proposals (speculative_choice, --skd-top-k, --skd-replace), its noise from its own seed.
     run: train.Run (reads args, pad, eos, rank, world, device, cache_len)."""
     args = run.args
     g = torch.Generator(run.device).manual_seed(rollout_seed(args.seed, step, stream))
@@ -343,8 +379,7 @@ def sample(model, prompts, run, step, stream, teacher=None):
     flops = flops_generate(model.cfg, len(ids), P, batch.tokens.size(1) - P, K)
     if teacher is not None:
         flops += flops_generate(teacher.cfg, len(ids), P, batch.tokens.size(1) - P, K)
-    kept = batch.completion_values(batch.kept) if teacher is not None else None
-    return batch.completions(), batch.completion_logprobs(), flops, kept
+    return batch, flops
 
 
 _replicas = {}  # id(model) -> its decode replica
@@ -373,17 +408,22 @@ def decode_replica(model, device):
 
 def student_rollout(model, teacher, prompts, run, step):
     """On-policy rows: the student samples (stream 0)."""
-    return sample(model, prompts, run, step, 0)
+    return *sample(model, prompts, run, step, 0), None
 
 
 def skd_rollout(model, teacher, prompts, run, step):
     """Speculative KD (Xu et al. 2024): the student proposes each token, the teacher keeps it when it is in
     the teacher's top --skd-top-k and replaces it otherwise by a draw from its whole distribution, or from
-    its top k with --skd-replace top_k (rollout.speculative_choice)."""
-    return sample(model, prompts, run, step, 0, teacher)
+    its top k with --skd-replace top_k (rollout.speculative_choice). The teacher's hidden states from
+    decoding come along, so the step need not run the teacher again (teacher.teacher_scores)."""
+    batch, flops = sample_batch(model, prompts, run, step, 0, teacher)
+    hidden = [h[batch.prompt_len:][m[batch.prompt_len:]] for h, m in zip(batch.teacher_hidden, batch.mask)]
+    return (batch.completions(), batch.completion_logprobs(), flops, batch.completion_values(batch.kept),
+            hidden)
 
 
-# --rollout NAME -> fn(student, teacher, prompts, run, step) -> (completions, logprobs, FLOPs, kept or None)
+# --rollout NAME -> fn(student, teacher, prompts, run, step) -> (completions, logprobs, FLOPs, kept or None,
+# the teacher's hidden states or None): per row, lists aligned with the completion tokens (hidden: [len, d])
 ROLLOUTS = {"student": student_rollout, "skd": skd_rollout}
 
 
@@ -419,10 +459,10 @@ def make_batch(step, rows, model, teacher, run):
     """(the step's batch, the FLOPs its sampling took): the on-policy rows' completions by the --rollout scheme
     (they come first), then the off-policy rows': ground truth, or the teacher's samples with --seq-kd."""
     on, off = [r for r in rows if r.on_policy], [r for r in rows if not r.on_policy]
-    completions, logprobs, flops, kept = [], [], 0, None
+    completions, logprobs, flops, kept, hidden = [], [], 0, None, None
     if on:
-        completions, logprobs, flops, kept = ROLLOUTS[run.args.rollout](model, teacher, [r.prompt for r in on],
-                                                                        run, step)
+        completions, logprobs, flops, kept, hidden = ROLLOUTS[run.args.rollout](model, teacher,
+                                                                                [r.prompt for r in on], run, step)
     if off and run.args.seq_kd:
         t_completions, _, t_flops, _ = sample(teacher, [r.prompt for r in off], run, step, 1)
         completions, flops = completions + t_completions, flops + t_flops
@@ -430,7 +470,8 @@ def make_batch(step, rows, model, teacher, run):
         completions += [r.answer for r in off]
     batch = pack([r.prompt for r in on + off], completions, run.pad, run.device,
                  logprobs=logprobs + [None] * len(off), on_policy=[True] * len(on) + [False] * len(off),
-                 kept=kept + [None] * len(off) if kept is not None else None)
+                 kept=kept + [None] * len(off) if kept is not None else None,
+                 teacher_hidden=hidden + [None] * len(off) if hidden is not None else None)
     return batch, flops
 
 

@@ -5,7 +5,9 @@ The teacher never trains: eval mode, requires_grad off, no optimizer state, ever
 One forward pass scores a whole batch (prompt + completion) in the shared layout of rollout.Batch, with
 the same positions the student used when sampling (two when rows share prompts: each distinct prompt
 once, then the completions over its cached keys and values: model.forward_from). A teacher with another
-tokenizer scores the same text in its own tokens (crosstok.py builds that batch).
+tokenizer scores the same text in its own tokens (crosstok.py builds that batch). A speculative KD
+rollout already ran the teacher over its rows while decoding and kept its hidden states: teacher_scores
+reads those instead (reuses_rollout).
 """
 import torch
 
@@ -79,12 +81,25 @@ def score(teacher, batch, start=1, groups=None, hidden_states=False):
                         groups)
 
 
+def reuses_rollout(batch):
+    """Whether teacher_scores takes the teacher's hidden states from the speculative KD rollout instead of a
+    forward: when every row of the batch, on every rank, has them (all on-policy; a given row still needs
+    scoring, and then the whole batch is scored, as ranks must run the same forwards)."""
+    if batch.teacher_hidden is None:  # no --rollout skd rows here, nor on any rank (each holds as many)
+        return False
+    return not any_rank(not bool(batch.on_policy.all()), batch.tokens.device)
+
+
 def teacher_scores(teacher, batch, rows, groups, run):
     """(the teacher's output for the loss, the cross-tokenizer alignment or None). With the student's
     tokenizer, its final hidden states where they predict the completion tokens: the losses make the logits
-    from them and run.t_head a chunk of positions at a time. With another (run.cross), the logits of the same
-    text in the teacher's tokens (crosstok.py; ValueError where its tokenizer cannot reproduce the text)."""
+    from them and run.t_head a chunk of positions at a time; those it computed while decoding the batch
+    (--rollout skd: Batch.teacher_hidden) where reuses_rollout(batch), with no second forward. With another
+    tokenizer (run.cross), the logits of the same text in the teacher's tokens (crosstok.py; ValueError where
+    its tokenizer cannot reproduce the text)."""
     if not run.cross:
+        if reuses_rollout(batch):
+            return batch.teacher_hidden[:, batch.prompt_len:], None
         return score(teacher, batch, batch.prompt_len, groups, hidden_states=True), None
     try:
         cb, err = cross_tokenizer_batch(batch, [r.problem for r in rows], run.fmt.tok, run.t_fmt.tok,

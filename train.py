@@ -50,12 +50,12 @@ from data import TASK_SPLITS, check_task_args, longest_prompt, task_format
 from data.countdown import TOKENIZER_PATH, countdown_format
 from distributed import all_sum, compute_dtype, peak_mem_mb, setup_dist, shard
 from eval_countdown import collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
-from flops import flops_train_step
+from flops import flops_score, flops_train_step
 from lora import add_lora, add_lora_args, check_lora_args, trainable_params
 from losses import OBJECTIVES, add_loss_args, check_loss_args, step_reward_advantage
 from model import GPT, GPTConfig, GradKV, forward_from, keep_layers, layer_slice, num_params
 from rollout import add_rollout_args, check_context, check_rollout_args, make_batch, shared_prompts, step_rows
-from teacher import check_teacher, head_weight, load_teacher, teacher_scores
+from teacher import check_teacher, head_weight, load_teacher, reuses_rollout, teacher_scores
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -128,6 +128,9 @@ def train_step(step, rows, model, teacher, optimizer, run):
         flops += flops_train_step(model.cfg, teacher.cfg if distill else None, mb,
                                   len(groups[0]) if groups is not None else len(mb.tokens), cb and cb.teacher,
                                   args.loss == "sampled", args.activation_checkpointing)
+        if distill and reuses_rollout(mb):  # --rollout skd: teacher_scores ran no teacher forward; uncount it
+            flops -= flops_score(teacher.cfg, len(mb.tokens), mb.prompt_len, mb.tokens.size(1),
+                                 len(groups[0]) if groups is not None else len(mb.tokens), head=False)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)

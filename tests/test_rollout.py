@@ -225,7 +225,7 @@ def test_speculative_rollout_equals_full_recompute(replace, K):
     """Speculative KD, top K of 23: every row recomputed from scratch by both models, the student proposing
     from the generator's noise and the teacher replacing proposals outside its top K with a draw from its
     whole distribution (full) or its top K (top_k), its own noise, gives the cached rollout's tokens, kept
-    flags and student logprobs."""
+    flags, student logprobs and the teacher's hidden states (those of a full teacher forward)."""
     student, teacher = sharp(tiny_model(5).eval()), sharp(tiny_model(8, n_layer=3).eval())
     ps = [p for p in random_prompts(5, lengths=(2, 6, 4)) for _ in range(2)] + random_prompts(6, lengths=(7,))
     ids, valid = left_pad(ps, PAD)
@@ -234,14 +234,15 @@ def test_speculative_rollout_equals_full_recompute(replace, K):
                  teacher=teacher, skd_top_k=K, teacher_generator=torch.Generator().manual_seed(4), skd_replace=replace)
     g, tg = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
     seqs, done = [list(p) for p in ps], [False] * B
-    kept, lps = [[] for _ in ps], [[] for _ in ps]
+    kept, lps, hid = [[] for _ in ps], [[] for _ in ps], [[] for _ in ps]
     for _ in range(N):
         noise, t_noise = torch.rand(B, V, generator=g), torch.rand(B, V, generator=tg)
         for i in range(B):
             if done[i]:
                 continue
             s_logits = student(torch.tensor([seqs[i]]))[0, -1]
-            t_logits = teacher(torch.tensor([seqs[i]]))[0, -1]
+            t_h = teacher(torch.tensor([seqs[i]]), head=lambda h, w: h)[0, -1]
+            t_logits = t_h @ teacher.head.weight.T
             proposal = int((s_logits - torch.log(-torch.log(noise[i]))).argmax())
             top = set(torch.topk(t_logits, K).indices.tolist())
             pool = t_logits if replace == "full" else t_logits.masked_fill(
@@ -250,11 +251,17 @@ def test_speculative_rollout_equals_full_recompute(replace, K):
             seqs[i].append(tok)
             kept[i].append(proposal in top)
             lps[i].append(float(F.log_softmax(s_logits, -1)[tok]))
+            hid[i].append(t_h)
             done[i] = tok == EOS
     assert b.completions() == [s[len(p):] for s, p in zip(seqs, ps)]
     assert b.completion_values(b.kept) == kept and 0 < sum(map(sum, kept)) < sum(map(len, kept))
     for got, want in zip(b.completion_logprobs(), lps):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    P = b.prompt_len
+    for i in range(B):
+        n = len(hid[i])
+        torch.testing.assert_close(b.teacher_hidden[i, P:P + n], torch.stack(hid[i]), rtol=1e-5, atol=1e-5)
+        assert not b.teacher_hidden[i, :P].any() and not b.teacher_hidden[i, P + n:].any()  # 0 off the mask
     if K == 1 and replace == "full":  # some replacements were not the teacher's greedy token
         greedy = [[int(teacher(torch.tensor([s[:len(p) + j]]))[0, -1].argmax()) for j in range(len(s) - len(p))]
                   for s, p in zip(seqs, ps)]
@@ -282,6 +289,23 @@ def test_speculative_rollout_ends():
     assert 0 < one.kept.sum() < one.mask.sum()  # some proposals were the teacher's greedy token
     with pytest.raises(ValueError, match="replace must be one of"):
         skd(3, "topk")
+
+
+@torch.no_grad()
+def test_compiled_speculative_rollout_decodes_what_eager_decodes():
+    """--compile with speculative KD: both models' compiled steps (the teacher's returning its hidden states
+    beside its logits) give the eager rollout's tokens, kept flags and teacher hidden states."""
+    student, teacher = sharp(tiny_model(5).eval()), sharp(tiny_model(8, n_layer=3).eval())
+    ps = [p for p in random_prompts(5, lengths=(2, 6, 4)) for _ in range(2)] + random_prompts(6, lengths=(7,))
+    ids, valid = left_pad(ps, PAD)  # the shapes of the plain compiled test: the student's step compiles once
+    run = lambda compile: generate(student, ids, valid, 10, EOS, PAD, temperature=1.0, compile=compile,  # noqa: E731
+                                   cache_len=24, generator=torch.Generator().manual_seed(3), teacher=teacher,
+                                   skd_top_k=3, teacher_generator=torch.Generator().manual_seed(4))
+    eager, compiled = run(False), run(True)
+    assert torch.equal(eager.tokens, compiled.tokens) and torch.equal(eager.kept, compiled.kept)
+    assert 0 < eager.kept.sum() < eager.mask.sum()
+    torch.testing.assert_close(eager.teacher_hidden, compiled.teacher_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager.logprobs, compiled.logprobs, rtol=1e-5, atol=1e-5)
 
 
 def test_speculative_choice_draws_rejected_proposals_from_the_teacher():
@@ -324,7 +348,7 @@ def test_a_rollout_scheme_registered_in_rollouts_is_a_train_flag_and_makes_the_b
     def greedy_rollout(model, teacher, prompts, run, step):
         ids, valid = left_pad(prompts, run.pad)
         b = generate(model, ids, valid, run.args.max_new_tokens, run.eos, run.pad, temperature=0.0)
-        return b.completions(), b.completion_logprobs(), 0, None
+        return b.completions(), b.completion_logprobs(), 0, None, None
     monkeypatch.setitem(rollout.ROLLOUTS, "greedy", greedy_rollout)
     args = train.parse_args(["--rollout", "greedy", "--lmbda", "0.5", "--batch-size", "4", "--max-new-tokens", "5",
                              "--out", os.devnull])

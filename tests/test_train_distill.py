@@ -405,3 +405,57 @@ def test_speculative_kd_rows_are_the_teacher_corrected_rollouts(ckpts, tmp_path,
     m = [r for r in rows(out) if "loss" in r][0]
     assert m["skd_accept"] == pytest.approx(ref.kept.sum().item() / ref.mask.sum().item(), abs=1e-4)
     assert 0 < m["skd_accept"] < 1
+
+
+@pytest.mark.parametrize("extra", [[], ["--lmbda", "0.5", "--micro-batch-size", "4"]], ids=["l1", "l0.5-micro4"])
+def test_speculative_kd_step_reuses_the_teachers_decode_hidden_states(ckpts, tmp_path, monkeypatch, extra):
+    """--rollout skd: the step's loss reads the hidden states the teacher computed while decoding
+    (Batch.teacher_hidden) instead of scoring the batch again: the same loss, reverse KL and student
+    gradients as a step that scores (teacher.score), to fp32 round-off. A micro-batch holding given rows is
+    scored whole (here the second of two, at lambda 0.5), and the logged FLOPs leave out exactly the
+    teacher forwards that did not run."""
+    import teacher as teacher_mod
+    from flops import flops_score
+    teacher, student = ckpts
+    real_score, real_clip, real_make_batch = teacher_mod.score, torch.nn.utils.clip_grad_norm_, train.make_batch
+
+    def one_step(reuse):
+        got = dict(scored=[], grads=None, batch=None)
+        if not reuse:
+            for mod in (teacher_mod, train):
+                monkeypatch.setattr(mod, "reuses_rollout", lambda batch: False)
+        # step batches (they alone carry the rollout's hidden states) the teacher scores
+        monkeypatch.setattr(teacher_mod, "score", lambda t, b, *a, **kw: (
+            b.teacher_hidden is not None and got["scored"].append(b.on_policy.tolist())) or real_score(t, b, *a, **kw))
+        monkeypatch.setattr(train, "make_batch", lambda step, *a, **kw: (
+            lambda b: got.update(batch=b[0]) or b)(real_make_batch(step, *a, **kw)))
+
+        def clip(params, *a, **kw):
+            params = list(params)
+            got["grads"] = [(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                            for p in params]
+            return real_clip(params, *a, **kw)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        out = str(tmp_path / f"reuse{int(reuse)}")
+        run_main(["--teacher", teacher, "--student", student, "--out", out, "--rollout", "skd", "--skd-top-k", "3",
+                  "--steps", "1", *FAST, *extra])
+        monkeypatch.undo()
+        return [r for r in rows(out) if "loss" in r][0], got
+
+    (m1, reused), (m0, scored) = one_step(True), one_step(False)
+    lmbda = 0.5 if "--lmbda" in extra else 1.0
+    assert scored["scored"] == ([[True] * 4, [False] * 4] if lmbda < 1 else [[True] * 8])
+    assert reused["scored"] == ([[False] * 4] if lmbda < 1 else [])  # only the micro-batch of given rows
+    assert reused["batch"].completions() == scored["batch"].completions()
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5) and m1["loss"] > 0
+    assert m1["student_rkl"] == pytest.approx(m0["student_rkl"], rel=1e-5)
+    assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+    for a, b in zip(reused["grads"], scored["grads"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # the FLOPs left out: one scoring forward of the on-policy rows (hidden states, from the last prompt
+    # column, each distinct prompt once)
+    b = reused["batch"].select(slice(0, 4) if lmbda < 1 else slice(None))
+    K = len(torch.unique(b.tokens[:, :b.prompt_len].masked_fill(~b.valid[:, :b.prompt_len], -1), dim=0))
+    t_cfg = load_pretrained(teacher).cfg
+    skipped = flops_score(t_cfg, len(b.tokens), b.prompt_len, b.tokens.size(1), K, head=False)
+    assert m0["flops"] - m1["flops"] == pytest.approx(skipped, rel=1e-9) and skipped > 0
