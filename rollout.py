@@ -443,7 +443,8 @@ def add_rollout_args(p):
                    "replacement is drawn from the teacher's whole distribution (full, Xu et al.'s Algorithm 1) or "
                    "from its top --skd-top-k (top_k; with --skd-top-k 1 the teacher's greedy decoding)")
     g.add_argument("--compile", action="store_true", help="rollouts decode with a compiled one-token step over a "
-                   "static KV cache (torch.compile; CUDA graphs on GPU); the first rollout pays the compile")
+                   "static KV cache (torch.compile; CUDA graphs on GPU), and the fused loss's per-chunk divergence is "
+                   "compiled (losses.chunk_divergence); the first step pays the compiles")
 
 
 def check_rollout_args(args):

@@ -266,6 +266,25 @@ def test_fused_head_divergence_equals_the_unfused_loss_and_gradients(loss, beta,
                                atol=1e-6)
 
 
+def test_compiled_chunk_divergence_equals_eager():
+    """--compile: each chunk's divergence and gradient compiled with dynamic shapes (chunks of 4 and a last one
+    of another length, one compile) equal the eager ones, for the hand-derived divergences, with the metric."""
+    from losses import head_divergence_loss
+    h_s, w_s, h_t, w_t, mask = head_case(7, B=3, T=9, d=8, V=37)
+    on = torch.tensor([True, False, True])[:, None].expand_as(mask)
+    for loss in ("fkl", "rkl", "jsd"):
+        out = []
+        for compile in (False, True):
+            a = [x.clone().requires_grad_(True) for x in (h_s, w_s)]
+            val, rkl = head_divergence_loss(a[0], a[1], h_t, w_t, mask, loss, 5.0, 0.3, 1.3, 4, metric=on,
+                                            compile=compile)
+            val.backward()
+            out.append((val, rkl, a[0].grad, a[1].grad))
+        assert mask.sum() % 4 and out[0][2].abs().sum() > 0
+        for x, y in zip(*out):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [0, 2])
 def test_fused_head_token_logprobs_equal_the_unfused_ones_and_gradients(chunk):
     from losses import head_token_logprobs, token_logprobs
