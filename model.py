@@ -275,23 +275,33 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, out_from=0):
         """out_from > 0: return only columns out_from.. (keys and values still come from every column)."""
+        q, k, v = self.qkv_rope(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if out_from:
+            q, x = q[:, :, out_from:], x[:, out_from:]
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_head else {}
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return self.proj_mlp(x, y)
+
+    # the two halves around attention and the cache; GPT.compile_blocks compiles them
+    def qkv_rope(self, x, cos, sin):
+        """Queries, keys and values [B, heads, T, hd], rotated, from the block's input x [B, T, d]."""
         B, T, _ = x.shape
         H, KV, hd = self.n_head, self.n_kv, self.hd
         qkv = self.qkv(self.norm1(x)).split([H * hd, KV * hd, KV * hd], -1)
         q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in qkv)  # [B, heads, T, hd]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        if out_from:
-            q, x = q[:, :, out_from:], x[:, out_from:]
-        gqa = {"enable_gqa": True} if KV != H else {}
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T - out_from, H * hd))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def proj_mlp(self, x, y):
+        """The output projection of the attention's y [B, heads, T, hd] and the MLP, each with its residual."""
+        B, T, _ = x.shape
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, -1))
         h = self.fc(self.norm2(x))
         if self.swiglu:
             gate, up = h.chunk(2, -1)
@@ -313,6 +323,14 @@ class GPT(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+
+    def compile_blocks(self):
+        """train.py --compile: each block's two halves around attention (norms, projections, rotation, MLP)
+        compiled by inductor with dynamic shapes, so one compile serves every length and batch and, the blocks
+        being alike, every block; attention and the KV cache stay eager between them. Not for decoding, which
+        compiles its whole step on a replica (rollout.decode_replica)."""
+        for b in self.blocks:
+            b.qkv_rope, b.proj_mlp = torch.compile(b.qkv_rope, dynamic=True), torch.compile(b.proj_mlp, dynamic=True)
 
     def reset_parameters(self):
         for name, p in self.named_parameters():

@@ -248,7 +248,9 @@ def setup(args):
     run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,
               device, fmt.pad_id, fmt.eos_ids, head_weight(teacher, compute_dtype(device)) if args.stage == "distill"
               else None, mix_fmt=task_format(args.sft_mix, fmt) if args.sft_mix else None)
-    if args.compile:  # one static cache shape for every rollout: the longest prompt + the budget
+    if args.compile:  # compiled blocks for the step's forwards; one static cache shape for every rollout: the
+        for m in (model, teacher) if teacher is not None else (model,):  # longest prompt + the budget
+            m.compile_blocks()
         run.cache_len = max(longest_prompt(fmt, args.task), longest_prompt(t_fmt) if t_fmt else 0) + args.max_new_tokens
     if rank == 0 and cross and args.loss != "sampled":
         print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "

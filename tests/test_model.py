@@ -190,3 +190,38 @@ def test_smollm2_matches_transformers(smollm2_dir, smollm2_transformers):
     want = naive_greedy(lambda x: smollm2_transformers(x).logits, torch.tensor([seqs[0]]), 16)[0, len(seqs[0]):]
     got = out.completions()[0]
     assert got == want.tolist()[:len(got)] and tok.decode(got).startswith("The capital of France is Paris")
+
+
+@pytest.mark.slow  # ~60 s of compiling; test_train_distributed's compiled test runs them in train.py too (slow)
+def test_compiled_blocks_equal_eager_over_lengths_and_compile_once():
+    """GPT.compile_blocks (train.py --compile): the student's loss and every gradient, and the teacher's
+    no-grad scores, equal eager ones for batches of three lengths (left-padded, with a shared-prompt cache
+    forward) on a grouped-query SwiGLU model with q/k norms; the blocks' halves compile once for all of
+    them (dynamic shapes), not per length or per block."""
+    import copy
+    from torch._dynamo.utils import counters
+    cfg = dict(n_layer=3, n_head=4, n_kv_head=2, mlp="swiglu", qk_norm=True)
+    eager = tiny_model(0, **cfg)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    g = torch.Generator().manual_seed(5)
+    counters.clear()
+    for n_prompt, n_comp in ((5, 6), (9, 3), (4, 11)):
+        prompts = [[1] + torch.randint(4, 23, (n,), generator=g).tolist() for n in (n_prompt, n_prompt - 2)]
+        comps = [torch.randint(4, 23, (n_comp,), generator=g).tolist() for _ in prompts]
+        b = pack(prompts * 2, comps * 2, 0)  # rows 2, 3 repeat the prompts of rows 0, 1
+        out = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            t = score(model, b, start=b.prompt_len, groups=shared_prompts(b))
+            logits = model(b.tokens, b.pos, b.valid, out_from=b.prompt_len - 1)[:, :-1]
+            value = divergence_loss(logits, t.detach().flip(-1), b.mask[:, b.prompt_len:], "rkl", 1.0)
+            value.backward()
+            out.append((t, value, [p.grad.clone() for p in model.parameters()]))
+        (t0, v0, g0), (t1, v1, g1) = out
+        torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+        for a, c in zip(g1, g0):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    # two halves, each compiled for a forward with grad and one without (score): no recompiles per length
+    assert 0 < counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
