@@ -440,8 +440,7 @@ def checkpoint_run(w, N, *flags):
     args = w.args
     targs = train.parse_args(["--loss", args.loss, "--beta", str(args.beta), "--batch-size", str(args.batch_size),
                               "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", str(N), "--lr",
-                              "1e-6", "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull, *flags] +
-                             ["--compile"] * args.compile)
+                              "1e-6", "--warmup", "0", "--seed", str(args.seed), "--out", os.devnull, *flags])
     run = train.Run(targs, None, None, False, None, 0, 1, w.device, 0, -1,
                     head_weight(w.teacher, torch.bfloat16 if w.bf16 else None))
     return run, [Row(p, None, True, None) for p in w.prompts]
@@ -459,12 +458,11 @@ def recomputing(w, run, rows):
 
 def checkpoint_times(w, N):
     """At N new tokens per row: the rollout's tokens/s (eager, and compiled with --compile), train_step's
-    parts, FLOPs and MFU, with and without activation checkpointing. Nothing samples the memory meanwhile:
-    PeakRSS's polling thread takes the interpreter from the step's Python (the decode loop) and slows it."""
+    parts, FLOPs and MFU (eager, and with --compile as train.py --compile runs it: the decode step, the blocks
+    and the loss's chunks compiled, side by side), and the eager step with activation checkpointing. Nothing
+    samples the memory meanwhile: PeakRSS's polling thread takes the interpreter from the step's Python (the
+    decode loop) and slows it."""
     args, B, student, teacher = w.args, w.args.batch_size, w.student, w.teacher
-    run, rows = checkpoint_run(w, N)
-    with step_as_benched(w):
-        train.train_step(0, rows, student, teacher, w.optimizer, run)  # warm-up; AdamW allocates its state
     ids, valid = left_pad(w.prompts, 0, w.device)
 
     def rollout_fn(compile):
@@ -473,22 +471,32 @@ def checkpoint_times(w, N):
     fns = {"eager": rollout_fn(False)} | ({"compiled": rollout_fn(True)} if args.compile else {})
     t_first = {k: fn()[0]["s"] for k, fn in fns.items()}  # warm-up: the compiled step compiles here
     t_roll, _ = median_times(fns, args.repeats, warmups={k: lambda: None for k in fns})
-    parts = []
-    for _ in range(args.repeats):
-        with step_as_benched(w):
-            out = train.train_step(0, rows, student, teacher, w.optimizer, run)
-        parts.append(out["times"])
-    recompute_run, _ = checkpoint_run(w, N, "--activation-checkpointing")
-    t0 = time.perf_counter()
-    out_ac = recomputing(w, recompute_run, rows)
-    t_ac = time.perf_counter() - t0
-    med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    step_s = sum(med.values())
-    res = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()}, step_s=step_s, parts_s=med,
-               step_gflop=out["flops"] / 1e9, step_mfu=out["flops"] / step_s / (w.peak * 1e9),
-               step_s_recompute=t_ac, step_gflop_recompute=out_ac["flops"] / 1e9)
+    res = dict(rollout_tok_s={k: B * N / t["s"] for k, t in t_roll.items()})
     if args.compile:
         res["compile_s"] = t_first["compiled"] - t_roll["compiled"]["s"]
+    for name, flags in (("eager", ()),) + ((("compiled", ("--compile",)),) if args.compile else ()):
+        run, rows = checkpoint_run(w, N, *flags)
+        for m in (student, teacher):
+            m.compile_blocks(bool(flags))
+        t0 = time.perf_counter()
+        with step_as_benched(w):
+            train.train_step(0, rows, student, teacher, w.optimizer, run)  # warm-up: AdamW's state, the compiles
+        first = time.perf_counter() - t0
+        parts = []
+        for _ in range(args.repeats):
+            with step_as_benched(w):
+                out = train.train_step(0, rows, student, teacher, w.optimizer, run)
+            parts.append(out["times"])
+        med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+        step_s = sum(med.values())
+        res[name] = dict(step_s=step_s, parts_s=med, step_gflop=out["flops"] / 1e9, first_step_s=first,
+                         step_mfu=out["flops"] / step_s / (w.peak * 1e9))
+        for m in (student, teacher):
+            m.compile_blocks(False)
+    run, rows = checkpoint_run(w, N, "--activation-checkpointing")
+    t0 = time.perf_counter()
+    out_ac = recomputing(w, run, rows)
+    res.update(step_s_recompute=time.perf_counter() - t0, step_gflop_recompute=out_ac["flops"] / 1e9)
     return res
 
 
@@ -511,31 +519,33 @@ def checkpoint_memory(w, N):
 
 def print_checkpoints(args, res, load, w):
     B, P, V, grad_mb = args.batch_size, args.prompt_len, res["vocab"], res["grad_mb"]
+    lengths = (args.new_tokens, 2 * args.new_tokens)
     print(f"{args.teacher} -> {args.student}" + (f" (layers {args.student_keep_layers})" if args.student_keep_layers
                                                  else "") + f"; batch {B} x ({P} prompt + N new) random tokens, "
           f"loss {args.loss}, {w.device}, {torch.get_num_threads()} threads, load average at start {load:.1f}")
     print(f"student {res['student_params'] / 1e6:.1f}M, teacher {res['teacher_params'] / 1e6:.1f}M params, vocab {V}; "
           f"the student's gradients take {grad_mb:.0f} MiB")
     print(f"matmul peak ({w.matmul_n}^3 {args.dtype}): {w.peak:.1f} GFLOP/s")
-    print(f"{'N new':>6}{'rollout tok/s':>15}" + (f"{'compiled':>10}" if args.compile else "") +
-          f"{'step s':>8}{'rollout':>9}{'teacher':>9}{'student':>9}{'optim':>7}{'GFLOP':>8}{'MFU':>7}"
-          f"{'peak above start, fused':>25}{'unfused':>9}{'recomputed':>12}{'its step s':>11}")
-    for N in (args.new_tokens, 2 * args.new_tokens):
+    print(f"{'N new':>6}{'step':>10}{'rollout tok/s':>15}{'step s':>8}{'rollout':>9}{'teacher':>9}{'student':>9}"
+          f"{'optim':>7}{'GFLOP':>8}{'MFU':>7}{'1st step s':>12}")
+    for N in lengths:
         r = res[f"new_tokens_{N}"]
-        tok_s = r["rollout_tok_s"]
-        print(f"{N:>6}{tok_s['eager']:>15.0f}" + (f"{tok_s['compiled']:>10.0f}" if args.compile else "") +
-              f"{r['step_s']:>8.3f}" + "".join(
-                  f"{r['parts_s'][k]:>9.3f}" if k != "optimizer" else f"{r['parts_s'][k]:>7.3f}"
-                  for k in ("rollout", "teacher", "student", "optimizer")) +
-              f"{r['step_gflop']:>8.0f}{r['step_mfu']:>7.1%}{r['peak_above_mb_fused']:>21.0f} MiB"
-              f"{r['peak_above_mb_unfused']:>5.0f} MiB{r['peak_above_mb_recompute']:>8.0f} MiB"
-              f"{r['step_s_recompute']:>11.3f}")
-    if args.compile:
-        print("compiling the decode step took " + ", ".join(f"{res[f'new_tokens_{N}']['compile_s']:.1f} s (N {N})"
-                                                            for N in (args.new_tokens, 2 * args.new_tokens)))
-    print("(peak above start: " + ("CUDA max allocated" if w.cuda else "the process's RSS, sampled,") + " during the "
-          "step over its value before; the step makes the gradients, so subtract those for the activations and "
-          "loss alone; recomputed: the fused step with --activation-checkpointing, one run)")
+        for name in ("eager", "compiled") if args.compile else ("eager",):
+            v = r[name]
+            print(f"{N:>6}{name:>10}{r['rollout_tok_s'][name]:>15.0f}{v['step_s']:>8.3f}" + "".join(
+                f"{v['parts_s'][k]:>9.3f}" for k in ("rollout", "teacher", "student")) +
+                f"{v['parts_s']['optimizer']:>7.3f}{v['step_gflop']:>8.0f}{v['step_mfu']:>7.1%}{v['first_step_s']:>12.1f}")
+    print("(compiled: train.py --compile, the decode step, the blocks and the loss's chunks; 1st step: the warm-up, "
+          "which compiles)" if args.compile else "")
+    print(f"{'N new':>6}{'peak above start: fused':>25}{'whole logits':>14}{'fused, recomputed':>19}"
+          f"{'recomputed step s':>19}")
+    for N in lengths:
+        r = res[f"new_tokens_{N}"]
+        print(f"{N:>6}{r['peak_above_mb_fused']:>21.0f} MiB{r['peak_above_mb_unfused']:>10.0f} MiB"
+              f"{r['peak_above_mb_recompute']:>15.0f} MiB{r['step_s_recompute']:>19.3f}")
+    print("(peak above start: " + ("CUDA max allocated" if w.cuda else "the process's RSS, sampled, in a fresh "
+          "process") + " during the eager step over its value before; the step makes the gradients, so subtract those "
+          "for the activations and loss alone; recomputed: --activation-checkpointing, one run)")
 
 # ------------------------------------------------------------------------------ the reference workload
 

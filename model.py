@@ -324,13 +324,16 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def compile_blocks(self):
+    def compile_blocks(self, on=True):
         """train.py --compile: each block's two halves around attention (norms, projections, rotation, MLP)
         compiled by inductor with dynamic shapes, so one compile serves every length and batch and, the blocks
         being alike, every block; attention and the KV cache stay eager between them. Not for decoding, which
-        compiles its whole step on a replica (rollout.decode_replica)."""
+        compiles its whole step on a replica (rollout.decode_replica). on=False: eager again."""
         for b in self.blocks:
-            b.qkv_rope, b.proj_mlp = torch.compile(b.qkv_rope, dynamic=True), torch.compile(b.proj_mlp, dynamic=True)
+            for name in ("qkv_rope", "proj_mlp"):
+                b.__dict__.pop(name, None)
+                if on:
+                    setattr(b, name, torch.compile(getattr(b, name), dynamic=True))
 
     def reset_parameters(self):
         for name, p in self.named_parameters():

@@ -148,7 +148,9 @@ def test_bench_on_checkpoints_runs_and_prints_json(tmp_path):
     for N in (3, 6):
         m = res[f"new_tokens_{N}"]
         assert set(m["rollout_tok_s"]) == {"eager", "compiled"} and min(m["rollout_tok_s"].values()) > 0
-        assert set(m["parts_s"]) == {"rollout", "teacher", "student", "optimizer"} and 0 < m["step_mfu"] < 1
+        for v in (m["eager"], m["compiled"]):
+            assert set(v["parts_s"]) == {"rollout", "teacher", "student", "optimizer"} and 0 < v["step_mfu"] < 1
+        assert m["eager"]["step_gflop"] == m["compiled"]["step_gflop"]
         assert m["compile_s"] > 0 and m["peak_above_mb_unfused"] >= 0
 
 
