@@ -17,7 +17,7 @@ arms() {
     c="--student $START --seed $s --steps $STEPS --eval-every 100 --save-every 500"
     echo "rkl-l0-s$s|$c --lmbda 0"                                   # supervised KD on ground truth
     echo "rkl-l1-s$s|$c --lmbda 1"                                   # on-policy
-    echo "skd-k3-s$s|$c --lmbda 1 --rollout skd --skd-top-k 3"      # on-policy, the teacher correcting
+    echo "skd-k3-s$s|$c --lmbda 1 --rollout skd --skd-top-k 3 --skd-replace top_k"  # as the study ran: a replacement from the top 3
   done
 }
 
