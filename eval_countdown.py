@@ -63,7 +63,8 @@ def countdown_eval(model, fmt, problems, batch_size=256, temperature=0.0, genera
         for (nums, target, _), comp in zip(chunk, batch.completions()):
             ended = len(comp) > 0 and comp[-1] in fmt.eos_ids
             text = fmt.decode(comp[:-1] if ended else comp)
-            rows.append(dict(prompt=prompt_text(nums, target), answer=text, n_tokens=len(comp),
+            rows.append(dict(prompt=getattr(fmt, "prompt_text", prompt_text)(nums, target), answer=text,
+                             n_tokens=len(comp),
                              correct=ended and fmt.verify(nums, target, text),
                              well_formed=ended and fmt.well_formed(text)))
     return rows
@@ -77,7 +78,10 @@ def summarize(rows):
 
 def rewards(batch, rows, fmt):
     """The verifier's reward per row [B]: 1 for an on-policy completion that ended (an eos id) and reaches the
-    target with every number once, else 0 (data/countdown.py; never eval). rows: rollout.Row."""
+    target with every number once, else 0 (data/countdown.py; never eval). rows: rollout.Row. None for a
+    task without a verifier (data/instructions.py)."""
+    if not getattr(fmt, "verifies", True):
+        return None
     out = []
     for r, comp in zip(rows, batch.completions()):
         if not r.on_policy:  # a given row's answer is no sample of the student's
@@ -105,7 +109,10 @@ def eval_batch_size(n, world, largest=512):
 
 def evaluate(model, fmt, problems, run, max_new_tokens, examples=None):
     """Greedy accuracy on `problems` in the model's format. examples: a list that receives this rank's first
-    answers (problem, answer text), to show what the model writes."""
+    answers (problem, answer text), to show what the model writes. A task without a verifier has no accuracy
+    (None): it decodes only when asked for examples."""
+    if not getattr(fmt, "verifies", True) and examples is None:
+        return dict(accuracy=None, format_valid=None, mean_tokens=None)
     with torch.no_grad(), decoding(model):
         rows = countdown_eval(model, fmt, problems[run.rank::run.world],
                               batch_size=eval_batch_size(len(problems), run.world), max_new_tokens=max_new_tokens)
@@ -113,7 +120,8 @@ def evaluate(model, fmt, problems, run, max_new_tokens, examples=None):
         examples += [(r["prompt"], r["answer"]) for r in rows[:N_EXAMPLES]]
     s = summarize(rows)
     n = all_sum(s["n"], run.device)
-    return {k: all_sum(s[k] * s["n"], run.device) / n for k in ("accuracy", "format_valid", "mean_tokens")}
+    out = {k: all_sum(s[k] * s["n"], run.device) / n for k in ("accuracy", "format_valid", "mean_tokens")}
+    return out if getattr(fmt, "verifies", True) else out | dict(accuracy=None)
 
 
 def evaluate_teacher_gap(model, teacher, problems, run, max_new_tokens):
@@ -197,8 +205,8 @@ def start_of_run(model, teacher, run, val, test, eval_tokens, examples):
     if run.args.sft_mix:
         out["mix_test_accuracy_before"] = evaluate(model, run.mix_fmt, mix_test(run.args), run, eval_tokens)["accuracy"]
     if run.rank == 0:
-        print("test accuracy: " + (f"teacher {out['teacher_test_accuracy']:.3f}, " if teacher is not None else "")
-              + f"student before {out['student_test_accuracy_before']:.3f}"
+        print("test accuracy: " + (rkl_text("teacher {:.3f}, ", out["teacher_test_accuracy"]) if teacher is not None
+                                   else "") + rkl_text("student before {:.3f}", out["student_test_accuracy_before"])
               + rkl_text(" (val per-token KL(student || teacher) {:.3f})", out.get("student_val_rkl_before")))
     return out
 
@@ -232,7 +240,7 @@ def end_of_run(model, optimizer, run, test, eval_tokens, before):
     if run.rank == 0:
         for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
             print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
-        print(f"test accuracy: student after {out['student_test_accuracy_after']:.3f}")
+        print("test accuracy: student after " + rkl_text("{:.3f}", out["student_test_accuracy_after"]))
     return out
 
 

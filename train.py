@@ -209,11 +209,15 @@ def load_models(args):
     if args.stage == "rl" or (args.stage == "sft" and not args.seq_kd):  # no teacher
         return student, fmt, None, None, False, resume_state, files
     teacher, t_fmt = load_teacher(args.teacher)
+    t_fmt = task_format(args.task, t_fmt)
     cross = check_teacher(t_fmt, fmt, teacher.cfg, args)
+    if cross and args.task == "instruct":  # its only measures are the teacher-gap ones, same-tokenizer only
+        raise ValueError("--task instruct needs a teacher with the student's tokenizer (its evals are KL and "
+                         "agreement against the teacher, token by token)")
     if cross and args.teacher_top_k is not None:
         raise ValueError("--teacher-top-k needs the student's tokenizer: the cross-tokenizer losses align spans of "
                          "text, not the teacher's token ids")
-    check_context(fmt, t_fmt if cross else fmt, student.cfg, teacher.cfg, args.max_new_tokens)
+    check_context(fmt, t_fmt if cross else fmt, student.cfg, teacher.cfg, args.max_new_tokens, args.task)
     return student, fmt, teacher, t_fmt, cross, resume_state, files
 
 
@@ -251,7 +255,7 @@ def setup(args):
     if args.compile:  # compiled blocks for the step's forwards; one static cache shape for every rollout: the
         for m in (model, teacher) if teacher is not None else (model,):  # longest prompt + the budget
             m.compile_blocks()
-        run.cache_len = max(longest_prompt(fmt, args.task), longest_prompt(t_fmt) if t_fmt else 0) + args.max_new_tokens
+        run.cache_len = max(longest_prompt(fmt, args.task), longest_prompt(t_fmt, args.task) if t_fmt else 0) + args.max_new_tokens
     if rank == 0 and cross and args.loss != "sampled":
         print(f"warning: --loss {args.loss} across tokenizers is the GOLD hybrid (shared token strings + ULD); it "
               "collapsed a number-level student under a char-level teacher on Countdown (docs/cross_tokenizer.md);"
@@ -366,8 +370,9 @@ def train_loop(model, teacher, optimizer, run, state, train, val, eval_tokens, l
             last |= {f"val_{k}": None if v is None else round(v, 4) for k, v in ev.items()}
             log(dict(step=step + 1, **{f"val_{k}": v for k, v in ev.items()}))
             if run.rank == 0:
-                bar.write(f"step {step + 1}: loss {m['loss']:.4f} val accuracy {ev['accuracy']:.3f} "
-                          f"format-valid {ev['format_valid']:.3f}" + rkl_text(" rkl {:.3f}", ev.get("rkl")) +
+                bar.write(f"step {step + 1}: loss {m['loss']:.4f}" +  # --task instruct: no accuracy
+                          rkl_text(" val accuracy {:.3f}", ev["accuracy"]) +
+                          rkl_text(" format-valid {:.3f}", ev["format_valid"]) + rkl_text(" rkl {:.3f}", ev.get("rkl")) +
                           f" ({state['train_seconds'] / 60:.1f} min)")
                 if collapse_warning(ev, step + 1):
                     print(collapse_warning(ev, step + 1), file=sys.stderr)
@@ -416,8 +421,9 @@ def parse_args(argv=None):
     g.add_argument("--samples-per-prompt", type=int, default=1, help="student samples per on-policy prompt")
     g.add_argument("--seq-kd", action="store_true", help="off-policy rows are teacher samples, not ground truth "
                    "(with --stage sft: SFT on teacher samples)")
-    g.add_argument("--task", default="countdown", choices=["countdown", "arith"], help="the rows' task (arith: "
-                   "data/arith.py, the continual-learning recipe's new task; SFT only)")
+    g.add_argument("--task", default="countdown", choices=["countdown", "arith", "instruct"], help="the rows' task "
+                   "(arith: data/arith.py, the continual-learning recipe's new task, SFT only; instruct: "
+                   "data/instructions.py, general chat instructions for chat models, no verifier)")
     g.add_argument("--sft-mix", default=None, choices=["arith"], help="distill: the off-policy rows are this task's "
                    "ground truth, learnt by cross-entropy, while the on-policy rows are distilled (docs/continual.md)")
     g.add_argument("--augment", action="store_true", help="sft: shuffle each prompt's numbers and pick a random "
