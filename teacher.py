@@ -5,7 +5,8 @@ The teacher never trains: eval mode, requires_grad off, no optimizer state, ever
 One forward pass scores a whole batch (prompt + completion) in the shared layout of rollout.Batch, with
 the same positions the student used when sampling (two when rows share prompts: each distinct prompt
 once, then the completions over its cached keys and values: model.forward_from). A teacher with another
-tokenizer scores the same text in its own tokens (crosstok.py builds that batch). A speculative KD
+tokenizer scores the same text in its own tokens (crosstok.py builds that batch); the self-teacher
+(--teacher self) the same completions after its own context prompts (selfdistill.py). A speculative KD
 rollout already ran the teacher over its rows while decoding and kept its hidden states: teacher_scores
 reads those instead (reuses_rollout).
 """
@@ -96,7 +97,10 @@ def teacher_scores(teacher, batch, rows, groups, run):
     from them and run.t_head a chunk of positions at a time; those it computed while decoding the batch
     (--rollout skd: Batch.teacher_hidden) where reuses_rollout(batch), with no second forward. With another
     tokenizer (run.cross), the logits of the same text in the teacher's tokens (crosstok.py; ValueError where
-    its tokenizer cannot reproduce the text)."""
+    its tokenizer cannot reproduce the text). The live self-teacher (selfdistill.py) is the training student:
+    its head is gathered again here, as it moved since the last call."""
+    if getattr(run, "context", None) is not None and run.args.self_teacher == "live":
+        run.t_head = head_weight(teacher, run.t_head.dtype)
     if not run.cross:
         if reuses_rollout(batch):
             return batch.teacher_hidden[:, batch.prompt_len:], None

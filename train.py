@@ -55,6 +55,8 @@ from lora import add_lora, add_lora_args, check_lora_args, trainable_params
 from losses import OBJECTIVES, add_loss_args, check_loss_args, step_reward_advantage
 from model import GPT, GPTConfig, GradKV, forward_from, keep_layers, layer_slice, num_params
 from rollout import add_rollout_args, check_context, check_rollout_args, make_batch, shared_prompts, step_rows
+from selfdistill import (SELF, ContextPrompts, add_self_args, check_context_fits, check_self_args, self_teacher,
+                         self_view)
 from teacher import check_teacher, head_weight, load_teacher, reuses_rollout, teacher_scores
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -82,6 +84,7 @@ class Run:
     t_head: torch.Tensor    # the teacher's output head, whole on every rank (teacher.head_weight); distill only
     cache_len: int = None   # --compile: the rollouts' KV cache slots, fixed (the longest prompt + budget)
     mix_fmt: object = None  # --sft-mix: the mixed-in task's format (data.arith.ArithFormat)
+    context: object = None  # --teacher self: the teacher's prompt of a problem (selfdistill.ContextPrompts)
 
     def sync(self):  # part timings mean something on CUDA only after the queued kernels ran
         if self.device.type == "cuda":
@@ -111,7 +114,9 @@ def train_step(step, rows, model, teacher, optimizer, run):
     for sl in micro_batches(len(rows), args.micro_batch_size):  # the same count on every rank
         mb, adv = batch.select(sl), reward_adv[sl] if reward_adv is not None else None
         groups = shared_prompts(mb)  # each distinct prompt runs once in the forwards below
-        t_out, cb = teacher_scores(teacher, mb, rows[sl], groups, run) if distill else (None, None)
+        # --teacher self reads the rows' completions after its own context prompts (selfdistill.py)
+        t_mb, t_groups, t_flops = self_view(mb, rows[sl], groups, teacher, run) if distill else (mb, groups, 0)
+        t_out, cb = teacher_scores(teacher, t_mb, rows[sl], t_groups, run) if distill else (None, None)
         lap("teacher")
         if cb is None:  # the objective runs as the student's head: logits only a chunk of positions at a time
             objective = OBJECTIVES[args.stage]
@@ -127,7 +132,7 @@ def train_step(step, rows, model, teacher, optimizer, run):
         loss, rkl = loss + mb_loss.detach(), rkl + (mb_rkl.detach() if mb_rkl is not None else 0.0)
         flops += flops_train_step(model.cfg, teacher.cfg if distill else None, mb,
                                   len(groups[0]) if groups is not None else len(mb.tokens), cb and cb.teacher,
-                                  args.loss == "sampled", args.activation_checkpointing)
+                                  args.loss == "sampled", args.activation_checkpointing) + t_flops
         if distill and reuses_rollout(mb):  # --rollout skd: teacher_scores ran no teacher forward; uncount it
             flops -= flops_score(teacher.cfg, len(mb.tokens), mb.prompt_len, mb.tokens.size(1),
                                  len(groups[0]) if groups is not None else len(mb.tokens), head=False)
@@ -208,6 +213,10 @@ def load_models(args):
     files = text_files(init_path, args.tokenizer)
     if args.stage == "rl" or (args.stage == "sft" and not args.seq_kd):  # no teacher
         return student, fmt, None, None, False, resume_state, files
+    if args.teacher == SELF:  # the student's own weights read the solution (selfdistill.py)
+        teacher = self_teacher(args, student)
+        check_context_fits(ContextPrompts(fmt, args.self_context), teacher.cfg, args.max_new_tokens)
+        return student, fmt, teacher, fmt, False, resume_state, files
     teacher, t_fmt = load_teacher(args.teacher)
     t_fmt = task_format(args.task, t_fmt)
     cross = check_teacher(t_fmt, fmt, teacher.cfg, args)
@@ -248,12 +257,16 @@ def setup(args):
              f"multiples of the {world} processes, and the on-policy rows of --samples-per-prompt")
     student.checkpoint_blocks = args.activation_checkpointing
     model = shard(student.to(device), device)
-    teacher = shard(teacher.to(device), device) if teacher is not None else None
+    if teacher is student:  # --teacher self --self-teacher live: one model
+        teacher = model
+    elif teacher is not None:
+        teacher = shard(teacher.to(device), device)
     run = Run(args, fmt, t_fmt, cross, shared_vocab(fmt.tok, t_fmt.tok, device) if cross else None, rank, world,
               device, fmt.pad_id, fmt.eos_ids, head_weight(teacher, compute_dtype(device)) if args.stage == "distill"
-              else None, mix_fmt=task_format(args.sft_mix, fmt) if args.sft_mix else None)
+              else None, mix_fmt=task_format(args.sft_mix, fmt) if args.sft_mix else None,
+              context=ContextPrompts(fmt, args.self_context) if args.teacher == SELF else None)
     if args.compile:  # compiled blocks for the step's forwards; one static cache shape for every rollout: the
-        for m in (model, teacher) if teacher is not None else (model,):  # longest prompt + the budget
+        for m in (model, teacher) if teacher not in (None, model) else (model,):  # longest prompt + the budget
             m.compile_blocks()
         run.cache_len = max(longest_prompt(fmt, args.task), longest_prompt(t_fmt, args.task) if t_fmt else 0) + args.max_new_tokens
     if rank == 0 and cross and args.loss != "sampled":
@@ -408,7 +421,8 @@ def parse_args(argv=None):
     g.add_argument("--student", default=None, help="initial student checkpoint (distill and rl default: "
                    "checkpoints/student; sft default: a fresh model of the shape below)")
     g.add_argument("--teacher", default=os.path.join(ROOT, "checkpoints", "teacher"), help="frozen teacher (distill, "
-                   "and sft --seq-kd)")
+                   "and sft --seq-kd); 'self': the student, reading the solution, is its own teacher (selfdistill.py)")
+    add_self_args(g)
     g.add_argument("--keep-layers", default=None, metavar="START:STOP:STEP", help="start the student from these "
                    "blocks of --student only (a Python slice, e.g. 0::3: every third layer of a teacher copy)")
     g.add_argument("--n-layer", type=int, default=4)
@@ -489,7 +503,7 @@ def check_args(p, args):
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         p.error("--d-model must be a multiple of --n-head with an even head size")
     args.d_mlp = args.d_mlp or 4 * args.d_model
-    for check in (check_task_args, check_loss_args, check_rollout_args, check_lora_args):  # each one's own flags
+    for check in (check_task_args, check_loss_args, check_rollout_args, check_lora_args, check_self_args):
         try:
             check(args)
         except ValueError as e:
