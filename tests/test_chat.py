@@ -368,7 +368,7 @@ def test_eval_countdown_on_a_chat_checkpoint(chat_ckpts, tmp_path, capsys):
     assert eval_countdown.main(["--show", student, "--teacher", teacher, "--n", "2", "--max-new-tokens", "5",
                                 "--html", str(html)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert sum(l.startswith(("ok ", "BAD")) for l in out) == 2 and html.read_text().count("<div>") == 2
+    assert sum(l.startswith(("ok ", "BAD")) for l in out) == 2 and html.read_text().count("<div class=\"row\">") == 2
 
 
 def test_a_chat_checkpoint_whose_template_fails_stops_before_training(chat_ckpts, tmp_path):
