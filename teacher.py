@@ -100,7 +100,8 @@ def teacher_scores(teacher, batch, rows, groups, run):
     its tokenizer cannot reproduce the text). The live self-teacher (selfdistill.py) is the training student:
     its head is gathered again here, as it moved since the last call."""
     if getattr(run, "context", None) is not None and run.args.self_teacher == "live":
-        run.t_head = head_weight(teacher, run.t_head.dtype)
+        # a copy: right after decoding FSDP may hold the head unsharded, in memory its next reshard frees
+        run.t_head = head_weight(teacher, run.t_head.dtype).clone()
     if not run.cross:
         if reuses_rollout(batch):
             return batch.teacher_hidden[:, batch.prompt_len:], None
