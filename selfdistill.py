@@ -140,3 +140,40 @@ def self_view(mb, rows, groups, teacher, run):
     flops = (flops_score(cfg, len(tb.tokens), tb.prompt_len, tb.tokens.size(1), k(t_groups, tb), head=False)
              - flops_score(cfg, len(mb.tokens), mb.prompt_len, mb.tokens.size(1), k(groups, mb), head=False))
     return tb, t_groups, flops
+
+
+def probe(ckpt, template=None, split="val"):
+    """How good a teacher the model is with its context, before any run: greedy accuracy after the plain and
+    the context prompt, and the mean log-probability and argmax rate of the ground-truth answer's tokens
+    after each (teacher-forced). {name: (accuracy, mean log p, top-1)}."""
+    import torch.nn.functional as F
+    from chat import load_chat
+    from data.countdown import countdown_format
+    from model import forward_from
+    from rollout import generate, pack
+    path = resolve_checkpoint(ckpt)
+    model, fmt = load_pretrained(path).eval(), countdown_format(load_chat(path))
+    problems, ctx, out = TASK_SPLITS["countdown"](split), ContextPrompts(fmt, template), {}
+    for name, prompts in (("plain", fmt.prompts(problems)), ("context", [ctx(p) for p in problems])):
+        b = pack(prompts, [fmt.answer_ids(p[2]) for p in problems], fmt.pad_id)
+        ids, valid = b.tokens[:, :b.prompt_len], b.valid[:, :b.prompt_len]
+        with torch.no_grad():
+            logits = forward_from(model, b.tokens, b.pos, b.valid, b.prompt_len)
+            g = generate(model, ids, valid, 24, fmt.eos_ids, fmt.pad_id, temperature=0.0)
+        tgt, m = b.tokens[:, b.prompt_len:], b.mask[:, b.prompt_len:]
+        lp = F.log_softmax(logits.float(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+        correct = sum(bool(c) and c[-1] in fmt.eos_ids and fmt.verify(n, t, fmt.decode(c[:-1]))
+                      for (n, t, _), c in zip(problems, g.completions()))
+        out[name] = (correct / len(problems), (lp * m).sum().item() / m.sum().item(),
+                     ((logits.argmax(-1) == tgt) & m).sum().item() / m.sum().item())
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="probe a model as its own teacher: does its context help it?")
+    p.add_argument("ckpt")
+    p.add_argument("--self-context", default=None)
+    a = p.parse_args()
+    for name, (acc, lp, top1) in probe(a.ckpt, a.self_context).items():
+        print(f"{name:8s} greedy val accuracy {acc:.3f}, answer tokens: mean log p {lp:.3f}, top-1 {top1:.3f}")

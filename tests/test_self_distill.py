@@ -230,3 +230,12 @@ def test_a_context_the_model_cannot_read_fails_before_training(student, tmp_path
     r = run("train.py", "--teacher", "self", "--student", student, "--out", str(out), "--steps", "1",
             "--self-context", template, *FAST, check=False)
     assert says in one_line_error(r) and not out.exists()
+
+
+def test_probe_with_the_plain_prompt_as_context_measures_the_plain_model_twice(student):
+    """selfdistill.probe: a context of just {prompt} renders the plain prompt, so both rows agree; the default
+    context (the solution first) changes what the model predicts."""
+    from selfdistill import probe
+    same, ctx = probe(student, "{prompt}"), probe(student)
+    assert same["plain"] == pytest.approx(same["context"], abs=1e-6)
+    assert ctx["plain"] == pytest.approx(same["plain"], abs=1e-6) and ctx["context"][1] != pytest.approx(ctx["plain"][1])
