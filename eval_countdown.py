@@ -205,9 +205,10 @@ def start_of_run(model, teacher, run, val, test, eval_tokens, examples):
     if run.args.sft_mix:
         out["mix_test_accuracy_before"] = evaluate(model, run.mix_fmt, mix_test(run.args), run, eval_tokens)["accuracy"]
     if run.rank == 0:
-        print("test accuracy: " + (rkl_text("teacher {:.3f}, ", out["teacher_test_accuracy"]) if teacher is not None
-                                   else "") + rkl_text("student before {:.3f}", out["student_test_accuracy_before"])
-              + rkl_text(" (val per-token KL(student || teacher) {:.3f})", out.get("student_val_rkl_before")))
+        acc = (rkl_text("teacher {:.3f}, ", out["teacher_test_accuracy"]) if teacher is not None else "") + \
+            rkl_text("student before {:.3f}", out["student_test_accuracy_before"])  # empty: a task without a verifier
+        print((f"test accuracy: {acc} " if acc else "") +
+              rkl_text("(val per-token KL(student || teacher) {:.3f})", out.get("student_val_rkl_before")))
     return out
 
 
@@ -240,7 +241,8 @@ def end_of_run(model, optimizer, run, test, eval_tokens, before):
     if run.rank == 0:
         for (problem, a), (_, b) in zip(before, after):  # empty after a resume: the start was not kept
             print(f"{problem!r}\n  before: {a!r}\n  after:  {b!r}")
-        print("test accuracy: student after " + rkl_text("{:.3f}", out["student_test_accuracy_after"]))
+        if out["student_test_accuracy_after"] is not None:
+            print(f"test accuracy: student after {out['student_test_accuracy_after']:.3f}")
     return out
 
 

@@ -60,7 +60,7 @@ def chat_teacher(chat_tokenizer_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("rows", [["--lmbda", "1"], ["--lmbda", "0.5", "--seq-kd", "--loss", "fkl_rkl", "--beta", "0.5"]])
 def test_a_distill_run_on_instructions_trains_on_their_prompts_and_logs_the_teacher_gap(chat_teacher, tmp_path,
-                                                                                       monkeypatch, rows):
+                                                                                       monkeypatch, capsys, rows):
     import rollout
     from chat import load_chat
     prompts, real = [], rollout.sample
@@ -70,6 +70,11 @@ def test_a_distill_run_on_instructions_trains_on_their_prompts_and_logs_the_teac
     train.main(["--task", "instruct", "--teacher", chat_teacher, "--student", chat_teacher, "--keep-layers", "::2",
                 "--out", out, "--steps", "2", "--lr", "1e-3", "--batch-size", "4", "--max-new-tokens", "8",
                 "--eval-n", "4", "--eval-every", "0", "--warmup", "0", *rows])
+    printed = capsys.readouterr().out
+    # no accuracy to print; three held-out instructions' greedy replies, before and after
+    assert "test accuracy" not in printed and printed.count("  before: ") == printed.count("  after:  ") == 3
+    test_set = {p[0] for p in instructions.load_split("test")}
+    assert sum(line.strip("'") in test_set for line in printed.splitlines()) == 3
     with open(os.path.join(out, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     start, steps, last = recs[0], [r for r in recs if "loss" in r], [r for r in recs if "val_fkl" in r][-1]
