@@ -18,7 +18,7 @@ KEEP=${KEEP:-0::2}        # which teacher layers the student keeps (0::2: 15 of 
 STEPS1=${STEPS1:-30}      # stage 1: off-policy cold start
 STEPS2=${STEPS2:-30}      # stage 2: on-policy from stage 1
 EVERY=${EVERY:-15}
-ARMS=${ARMS:-cold recipe onpolicy}  # which of the three runs to make
+ARMS=${ARMS:-cold recipe onpolicy control}  # which runs to make
 TAG=${KEEP//:/}           # 0::2 -> 02
 # measured on 2 CPU cores shared with other jobs: one thread and passive OpenMP waits ran fastest there
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -46,3 +46,10 @@ if [[ " $ARMS " == *" recipe "* ]]; then $PY train.py "${COMMON[@]}" --student "
 B=runs/instruct-onpolicy-k$TAG-s$SEED
 if [[ " $ARMS " == *" onpolicy "* ]]; then $PY train.py "${COMMON[@]}" --student "$T" --keep-layers "$KEEP" --lmbda 1 --loss rkl \
     --lr 1e-5 --warmup 5 --steps "$STEPS2" --save-every "$STEPS2" --out "$B" 2>&1 | tee runs/logs/${B#runs/}.log; fi
+
+# The control for stage 2: the cold start alone, continued for as many steps at the same learning rate (no
+# on-policy rows, forward KL only). Stage 2 must beat this, not only its own start. Alone:
+#   ARMS=control bash docs/real_model_recipe.sh
+C=runs/instruct-coldmore-k$TAG-s$SEED
+if [[ " $ARMS " == *" control "* ]]; then $PY train.py "${COMMON[@]}" --student "$S1" --lmbda 0 --seq-kd --loss fkl \
+    --lr 5e-5 --warmup 5 --steps "$STEPS2" --save-every "$STEPS2" --out "$C" 2>&1 | tee runs/logs/${C#runs/}.log; fi
