@@ -66,8 +66,12 @@ def completion(batch, i):
     return batch.tokens[i, P:][batch.mask[i, P:]].tolist()
 
 
-@pytest.mark.parametrize("extra", [[], ["--micro-batch-size", "4", "--samples-per-prompt", "2"],
-                                   ["--lmbda", "0.5", "--micro-batch-size", "3"]], ids=["plain", "micro-spp2", "l0.5"])
+SLOW = pytest.mark.slow  # each a training run of ~40 s on the shared 2-core CPU: the default run keeps one per property
+
+
+@pytest.mark.parametrize("extra", [[], pytest.param(["--micro-batch-size", "4", "--samples-per-prompt", "2"], marks=SLOW),
+                                   pytest.param(["--lmbda", "0.5", "--micro-batch-size", "3"], marks=SLOW)],
+                         ids=["plain", "micro-spp2", "l0.5"])
 def test_self_teacher_scores_a_plain_forward_of_the_frozen_model_on_context_plus_completion(student, tmp_path,
                                                                                             monkeypatch, extra):
     """(a) At every completion token of every row, the self-teacher's logits (its hidden states times the head
@@ -95,8 +99,10 @@ def test_self_teacher_scores_a_plain_forward_of_the_frozen_model_on_context_plus
     assert n == 2 * 8
 
 
-@pytest.mark.parametrize("loss,extra", [("rkl", []), ("fkl", ["--micro-batch-size", "4", "--samples-per-prompt", "2"]),
-                                        ("jsd", ["--lmbda", "0.5"]), ("sampled", [])])
+@pytest.mark.parametrize("loss,extra", [("rkl", []),
+                                        pytest.param("fkl", ["--micro-batch-size", "4", "--samples-per-prompt", "2"],
+                                                     marks=SLOW),
+                                        pytest.param("jsd", ["--lmbda", "0.5"], marks=SLOW), ("sampled", [])])
 def test_one_step_loss_is_the_float64_divergence_to_the_reference_self_teacher(student, tmp_path, monkeypatch,
                                                                                loss, extra):
     """(b) The first step's loss: the divergence between the student's distribution after the plain prompt and
@@ -157,6 +163,7 @@ def metrics(out):
         return [m for m in map(json.loads, f) if "loss" in m]
 
 
+@SLOW
 @pytest.mark.parametrize("extra", [["--samples-per-prompt", "2", "--micro-batch-size", "2"],
                                    ["--self-teacher", "live", "--lmbda", "0.5"]], ids=["frozen-spp2-micro", "live-l0.5"])
 def test_two_processes_compute_what_one_does(student, tmp_path, extra):
@@ -179,6 +186,7 @@ def test_two_processes_compute_what_one_does(student, tmp_path, extra):
         assert move > 0 and (wa[k] - wb[k]).abs().max().item() <= 0.01 * move, k
 
 
+@SLOW
 def test_flops_count_the_teachers_context_prompts(student, tmp_path, monkeypatch):
     """The logged FLOPs count the self-teacher's forward over its longer context batch: a self-distillation
     step costs what the same step with a separate teacher of the same shape scoring the plain batch costs, plus
