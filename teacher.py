@@ -39,6 +39,12 @@ def check_teacher(t_fmt, fmt, t_cfg, args):
     if cross and args.seq_kd:
         raise ValueError("--seq-kd with a cross-tokenizer teacher is not supported (its samples are in the "
                          "teacher's tokens)")
+    if cross and args.teacher_top_k is not None:
+        raise ValueError("--teacher-top-k needs the student's tokenizer: the cross-tokenizer losses align spans of "
+                         "text, not the teacher's token ids")
+    if cross and args.task == "instruct":  # its only measures are the teacher-gap ones, same-tokenizer only
+        raise ValueError("--task instruct needs a teacher with the student's tokenizer (its evals are KL and "
+                         "agreement against the teacher, token by token)")
     if cross and args.rollout == "skd":
         raise ValueError("--rollout skd needs the teacher's tokenizer: across tokenizers a student token is not "
                          "one of the teacher's, so 'in the teacher's top k' is not defined")
