@@ -537,6 +537,8 @@ def print_checkpoints(args, res, load, w):
                 f"{v['parts_s']['optimizer']:>7.3f}{v['step_gflop']:>8.0f}{v['step_mfu']:>7.1%}{v['first_step_s']:>12.1f}")
     print("(compiled: train.py --compile, the decode step, the blocks and the loss's chunks; 1st step: the warm-up, "
           "which compiles)" if args.compile else "")
+    if args.part == "times":
+        return
     print(f"{'N new':>6}{'peak above start: fused':>25}{'whole logits':>14}{'fused, recomputed':>19}"
           f"{'recomputed step s':>19}")
     for N in lengths:
