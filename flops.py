@@ -86,20 +86,22 @@ def flops_fused_loss(s_cfg, t_cfg, positions, sampled=False):
     return 4 * flops_head(s_cfg, positions) + (flops_head(t_cfg, positions) if t_cfg else 0)
 
 
-def flops_train_step(s_cfg, t_cfg, batch, prefill_rows, cross_batch=None, sampled=False, recompute=False):
+def flops_train_step(s_cfg, t_cfg, batch, prefill_rows, cross_batch=None, sampled=False, recompute=False,
+                     scored=True):
     """A train step after its rollouts (rollout.sample counts those): the teacher's scoring (t_cfg None: no
     teacher) and the student's forward + backward (3x) of rollout.Batch `batch`, both from the last prompt
     column on and without their heads, the prompts run for prefill_rows rows (distinct prompts when shared:
     rollout.shared_prompts), then the heads the fused loss runs on the completion tokens (flops_fused_loss;
     sampled: the teacher's head once). recompute (activation checkpointing): the student's blocks run
     forward twice, every row's prompt on its own. Across tokenizers (cross_batch: the teacher's layout,
-    crosstok.py) both models run their whole sequences with logits everywhere."""
+    crosstok.py) both models run their whole sequences with logits everywhere. scored=False: the teacher's hidden
+    states came from the rollout (--rollout skd), so its forward is not counted."""
     (B, T), P = batch.tokens.shape, batch.prompt_len
     if cross_batch is not None:
         Bt, Tt = cross_batch.tokens.shape
         return (flops_score(t_cfg, Bt, 1, Tt) + 3 * flops_forward(s_cfg, B, T)
                 + (flops_forward(s_cfg, B, T, head=False) if recompute else 0))
-    teacher = flops_score(t_cfg, B, P, T, prefill_rows, head=False) if t_cfg is not None else 0
+    teacher = flops_score(t_cfg, B, P, T, prefill_rows, head=False) if t_cfg is not None and scored else 0
     student = (4 * flops_score(s_cfg, B, P, T, head=False) if recompute
                else 3 * flops_score(s_cfg, B, P, T, prefill_rows, head=False))
     return teacher + student + flops_fused_loss(s_cfg, t_cfg, batch.mask.sum().item(), sampled)

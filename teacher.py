@@ -97,11 +97,11 @@ def reuses_rollout(batch):
     return not any_rank(not bool(batch.on_policy.all()), batch.tokens.device)
 
 
-def teacher_scores(teacher, batch, rows, groups, run):
+def teacher_scores(teacher, batch, rows, groups, run, reuse=False):
     """(the teacher's output for the loss, the cross-tokenizer alignment or None). With the student's
     tokenizer, its final hidden states where they predict the completion tokens: the losses make the logits
     from them and run.t_head a chunk of positions at a time; those it computed while decoding the batch
-    (--rollout skd: Batch.teacher_hidden) where reuses_rollout(batch), with no second forward. With another
+    (--rollout skd: Batch.teacher_hidden) with reuse (= reuses_rollout(batch)), with no second forward. With another
     tokenizer (run.cross), the logits of the same text in the teacher's tokens (crosstok.py; ValueError where
     its tokenizer cannot reproduce the text). The live self-teacher (selfdistill.py) is the training student:
     its head is gathered again here, as it moved since the last call."""
@@ -109,7 +109,7 @@ def teacher_scores(teacher, batch, rows, groups, run):
         # a copy: right after decoding FSDP may hold the head unsharded, in memory its next reshard frees
         run.t_head = head_weight(teacher, run.t_head.dtype).clone()
     if not run.cross:
-        if reuses_rollout(batch):
+        if reuse:
             return batch.teacher_hidden[:, batch.prompt_len:], None
         return score(teacher, batch, batch.prompt_len, groups, hidden_states=True), None
     try:

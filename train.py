@@ -50,7 +50,7 @@ from data import TASK_SPLITS, check_task_args, longest_prompt, task_format
 from data.countdown import TOKENIZER_PATH, countdown_format
 from distributed import all_sum, compute_dtype, peak_mem_mb, setup_dist, shard
 from eval_countdown import collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
-from flops import flops_score, flops_train_step
+from flops import flops_train_step
 from lora import add_lora, add_lora_args, check_lora_args, trainable_params
 from losses import OBJECTIVES, add_loss_args, check_loss_args, step_reward_advantage
 from model import GPT, GPTConfig, GradKV, forward_from, keep_layers, layer_slice, num_params
@@ -116,7 +116,8 @@ def train_step(step, rows, model, teacher, optimizer, run):
         groups = shared_prompts(mb)  # each distinct prompt runs once in the forwards below
         # --teacher self reads the rows' completions after its own context prompts (selfdistill.py)
         t_mb, t_groups, t_flops = self_view(mb, rows[sl], groups, teacher, run) if distill else (mb, groups, 0)
-        t_out, cb = teacher_scores(teacher, t_mb, rows[sl], t_groups, run) if distill else (None, None)
+        reuse = distill and reuses_rollout(t_mb)  # --rollout skd: the teacher's states from decoding, no forward
+        t_out, cb = teacher_scores(teacher, t_mb, rows[sl], t_groups, run, reuse) if distill else (None, None)
         lap("teacher")
         if cb is None:  # the objective runs as the student's head: logits only a chunk of positions at a time
             objective = OBJECTIVES[args.stage]
@@ -132,10 +133,7 @@ def train_step(step, rows, model, teacher, optimizer, run):
         loss, rkl = loss + mb_loss.detach(), rkl + (mb_rkl.detach() if mb_rkl is not None else 0.0)
         flops += flops_train_step(model.cfg, teacher.cfg if distill else None, mb,
                                   len(groups[0]) if groups is not None else len(mb.tokens), cb and cb.teacher,
-                                  args.loss == "sampled", args.activation_checkpointing) + t_flops
-        if distill and reuses_rollout(mb):  # --rollout skd: teacher_scores ran no teacher forward; uncount it
-            flops -= flops_score(teacher.cfg, len(mb.tokens), mb.prompt_len, mb.tokens.size(1),
-                                 len(groups[0]) if groups is not None else len(mb.tokens), head=False)
+                                  args.loss == "sampled", args.activation_checkpointing, scored=not reuse) + t_flops
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args)
