@@ -48,8 +48,8 @@ def record_steps(monkeypatch):
     got = dict(calls=[], steps=[])
     real_scores, real_step = train.teacher_scores, train.train_step
 
-    def scores(teacher, batch, rows, groups, run):
-        out = real_scores(teacher, batch, rows, groups, run)
+    def scores(teacher, batch, rows, groups, run, *reuse):
+        out = real_scores(teacher, batch, rows, groups, run, *reuse)
         # one process: a parameter's local shard is all of it (no collective inside the step)
         params = {k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
                   for k, v in teacher.named_parameters()}
