@@ -516,14 +516,27 @@ def distill_objective(h, w, batch, n_tokens, run, t_h=None, reward_adv=None):
 OBJECTIVES = {"sft": sft_objective, "rl": rl_objective, "distill": distill_objective}
 
 
-def step_reward_advantage(reward, group_size, norm, rank, world):
-    """This rank's rows' reward_advantage. A prompt's samples are consecutive global rows and rank r holds
-    rows r::world, so the step's rewards are gathered from every rank first."""
-    full = torch.zeros(len(reward) * world, device=reward.device)
-    full[rank::world] = reward
+def gather_rows(x, rank, world):
+    """The step's rows of x gathered from every rank (rank r holds global rows r::world)."""
+    full = torch.zeros(len(x) * world, device=x.device)
+    full[rank::world] = x
     if world > 1:
         torch.distributed.all_reduce(full)
-    return reward_advantage(full, group_size, norm)[rank::world]
+    return full
+
+
+def step_reward_advantage(reward, group_size, norm, rank, world):
+    """This rank's rows' reward_advantage. A prompt's samples are consecutive global rows, so the step's
+    rewards are gathered from every rank first."""
+    return reward_advantage(gather_rows(reward, rank, world), group_size, norm)[rank::world]
+
+
+def group_success(reward, on_policy, group_size, rank, world):
+    """The share of the step's sampled prompts with at least one solved sample among their group_size: a group
+    that fails in every sample has zero reward advantage, so this is the share RL can learn from."""
+    solved = gather_rows(reward, rank, world).view(-1, group_size).amax(1) > 0
+    sampled = gather_rows(on_policy.float(), rank, world).view(-1, group_size)[:, 0] > 0
+    return solved[sampled].float().mean().item() if sampled.any() else None
 
 
 def add_loss_args(p):

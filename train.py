@@ -52,7 +52,7 @@ from distributed import all_sum, compute_dtype, peak_mem_mb, setup_dist, shard
 from eval_countdown import collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
 from flops import flops_train_step
 from lora import add_lora, add_lora_args, check_lora_args, trainable_params
-from losses import OBJECTIVES, add_loss_args, check_loss_args, step_reward_advantage
+from losses import OBJECTIVES, add_loss_args, check_loss_args, group_success, step_reward_advantage
 from model import GPT, GPTConfig, GradKV, forward_from, keep_layers, layer_slice, num_params
 from rollout import add_rollout_args, check_context, check_rollout_args, make_batch, shared_prompts, step_rows
 from selfdistill import (SELF, ContextPrompts, add_self_args, check_context_fits, check_self_args, self_teacher,
@@ -158,6 +158,8 @@ def step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, one
                times=times)
     if reward is not None:  # the verifier on the student's own samples
         out["reward"] = all_sum(reward.sum().item(), device) / n_on
+        if args.samples_per_prompt > 1:
+            out["group_success"] = group_success(reward, batch.on_policy, args.samples_per_prompt, run.rank, run.world)
     if args.stage == "distill":  # what the student does on its own samples
         n_on_tok = all_sum((batch.mask & batch.on_policy[:, None]).sum().item(), device)
         out |= dict(on_policy_frac=n_on / args.batch_size,
@@ -283,8 +285,9 @@ def step_record(step, m, seconds, state):
     rec = dict(step=step, loss=round(m["loss"], 5), lr=m["lr"], grad_norm=round(m["grad_norm"], 4),
                tokens_per_s=round(m["tokens"] / seconds), minutes=round(state["train_seconds"] / 60, 3),
                flops=state["flops"], samples=state["samples"])
-    if "reward" in m:
-        rec["reward"] = round(m["reward"], 4)
+    for k in ("reward", "group_success"):  # the verifier on the student's samples
+        if m.get(k) is not None:
+            rec[k] = round(m[k], 4)
     if "on_policy_frac" in m:  # distillation
         rec |= dict(on_policy_frac=m["on_policy_frac"],
                     student_rkl=None if m["student_rkl"] is None else round(m["student_rkl"], 5),

@@ -18,7 +18,7 @@ from conftest import DISTILL_ARGS, ENV, ROOT, run, script_cmd
 
 def losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [(m["step"], m["loss"], m["on_policy_frac"], m["student_rkl"], m["grad_norm"])
+        return [(m["step"], m["loss"], m["on_policy_frac"], m["student_rkl"], m["grad_norm"], m.get("group_success"))
                 for m in map(json.loads, f) if "loss" in m]
 
 
@@ -48,6 +48,7 @@ def test_two_processes_compute_what_one_does(sharp_ckpts, tmp_path, loss, extra)
     for a, b in zip(one, two):
         assert a[1] == pytest.approx(b[1], rel=1e-4, abs=1e-6) and a[3] == pytest.approx(b[3], rel=1e-4)
         assert a[4] == pytest.approx(b[4], rel=1e-4)
+        assert a[5] == b[5] and (a[5] is not None) == ("--samples-per-prompt" in extra)  # gathered from both ranks
     # the same update: the weights moved by the same amount to within 1% of the largest move
     w0, wa, wb = load_file(os.path.join(student, "model.safetensors")), final_weights(outs[1], 4), final_weights(outs[2], 4)
     assert wa.keys() == wb.keys() == w0.keys()

@@ -12,7 +12,7 @@ import bench
 import train
 from conftest import make_ckpt, run, tiny_model
 from data.countdown import CharFormat, load_split, load_tokenizer
-from losses import distill_objective, reward_advantage, rl_objective
+from losses import distill_objective, group_success, reward_advantage, rl_objective
 from model import GradKV, distinct_rows, forward_from
 from rollout import Batch, generate, left_pad
 from teacher import head_weight, hidden
@@ -166,7 +166,16 @@ def test_rl_run_logs_reward_flops_and_samples(tmp_path):
     steps = [x for x in recs if "loss" in x]
     assert [x["samples"] for x in steps] == [8, 16]  # every row sampled by the student, cumulative
     assert 0 < steps[0]["flops"] < steps[1]["flops"] and all(0 <= x["reward"] <= 1 for x in steps)
+    assert all(x["reward"] <= x["group_success"] <= 1 for x in steps)  # a group holds a success if any sample does
     assert "student_test_accuracy_after" in recs[-1]
+
+
+def test_group_success_is_the_share_of_sampled_prompts_with_a_solved_sample():
+    reward = torch.tensor([0.0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0])  # three prompts, four samples each
+    sampled = torch.tensor([True] * 8 + [False] * 4)  # the third prompt's rows are given ones
+    assert group_success(reward, sampled, 4, 0, 1) == 0.5
+    assert group_success(reward, torch.ones(12, dtype=torch.bool), 4, 0, 1) == pytest.approx(2 / 3)
+    assert group_success(reward, torch.zeros(12, dtype=torch.bool), 4, 0, 1) is None
 
 
 @pytest.mark.parametrize("argv,msg", [
