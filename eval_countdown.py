@@ -368,7 +368,7 @@ def study_table(run_dirs, reach=()):
             levels.append((acc, f"{100 * acc:.1f}% ({r})"))
     teachers = [r["teacher"] for rs in arms.values() for r in rs if r["teacher"] is not None]
     teacher = sum(teachers) / len(teachers) if teachers else None
-    head = "| arm | seeds | steps | test acc | gap recovered | TFLOP | min | samples |"
+    head = "| arm | seeds | steps | test acc | % of teacher | gap recovered | val gain, last quarter | TFLOP | min | samples |"
     head += "".join(f" TFLOP / min to {name} |" for _, name in levels)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm, rs in arms.items():
@@ -377,17 +377,22 @@ def study_table(run_dirs, reach=()):
         m, sd = mean_std([r["after"] for r in rs])
         start = sum(r["before"] for r in rs) / len(rs) if all(r["before"] is not None for r in rs) else None
         gap = f"{(m - start) / (teacher - start):+.2f}" if teacher is not None and start is not None else "-"
+        share = f"{100 * m / teacher:.0f}%" if teacher else "-"
         curve = mean_curve(rs)
-        _, _, _, fl, mins, n = curve[-1]
+        last, _, _, fl, mins, n = curve[-1]
+        # a plateau shows as no gain since the last eval at or before 3/4 of the run
+        quarter = next(c for c in reversed(curve) if c[0] <= 0.75 * last)
         row = (f"| {arm} | {','.join(str(r['seed']) for r in rs)} | {rs[0]['args']['steps']} | "
-               f"{100 * m:.1f} +- {100 * sd:.1f} | {gap} | {fl / 1e12:.2f} | {mins:.1f} | {n:.0f} |")
+               f"{100 * m:.1f} +- {100 * sd:.1f} | {share} | {gap} | {100 * (curve[-1][1] - quarter[1]):+.1f} | "
+               f"{fl / 1e12:.2f} | {mins:.1f} | {n:.0f} |")
         for level, _ in levels:
             hit = next((c for c in curve if c[1] >= level), None)
             row += f" {hit[3] / 1e12:.2f} / {hit[4]:.1f} |" if hit else " not reached |"
         lines.append(row)
     if teacher is not None:
         lines.append(f"\nteacher test accuracy {100 * teacher:.1f}% (greedy, 630 test problems); gap recovered = "
-                     "(after - before) / (teacher - before); TFLOP, min, samples: training compute (matmul FLOPs "
+                     "(after - before) / (teacher - before); val gain, last quarter: the seeds' mean val accuracy "
+                     "at the end minus at 3/4 of the run, in points; TFLOP, min, samples: training compute (matmul FLOPs "
                      "counted from shapes, flops.py; evals excluded), training minutes, student samples")
     return "\n".join(lines)
 

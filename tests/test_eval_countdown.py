@@ -72,8 +72,11 @@ def test_study_table_pools_seeds_and_finds_the_compute_to_reach(tmp_path):
     # opd: mean 55.0 +- 7.1 (sample std of 50, 60), gap (0.55 - 0.2) / (0.8 - 0.2) = +0.58, last point 3 TFLOP
     # mean, 2.0 min, 1600 samples; the sft arm ends at 0.33 val, which opd's mean curve (0.34 at step 100)
     # first reaches at step 100: 2 TFLOP, 1.0 min, 800 samples
-    assert rows["opd"] == ["opd", "0,1", "300", "55.0 +- 7.1", "+0.58", "3.00", "2.0", "1600", "2.00 / 1.0"]
-    assert rows["sft"] == ["sft", "0", "300", "30.0 +- 0.0", "+0.17", "9.00", "2.0", "1600", "9.00 / 2.0"]
+    # % of teacher 55 / 80 (the teacher pooled over arms: sft 30 / 80); the last quarter's val gain: mean val 0.45 at the end against 0.34 at step 100 (the
+    # last eval at or before 3/4 of 200)
+    assert rows["opd"] == ["opd", "0,1", "300", "55.0 +- 7.1", "69%", "+0.58", "+11.0", "3.00", "2.0", "1600",
+                           "2.00 / 1.0"]
+    assert rows["sft"] == ["sft", "0", "300", "30.0 +- 0.0", "38%", "+0.17", "+8.0", "9.00", "2.0", "1600", "9.00 / 2.0"]
     two = eval_countdown.study_table(dirs, reach=["0.5", "0.2"]).splitlines()
     assert "TFLOP / min to 50.0% | TFLOP / min to 20.0% |" in two[0]
     assert two[2].endswith("| not reached | 0.00 / 0.0 |")  # opd: never 50% on average; 20% at step 0
