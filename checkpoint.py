@@ -352,17 +352,22 @@ def full_state(model, optimizer):
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
+# The flags a resumed run must keep: the learning-rate schedule (a change moves every later step's rate), the
+# objective and the rows it sees (a study that resumes a run under other flags would report a mixed run).
+RESUME_FIXED = ("steps", "warmup", "lr", "min_lr_frac", "stage", "task", "loss", "beta", "loss_temperature", "lmbda",
+                "seq_kd", "samples_per_prompt", "batch_size", "seed", "teacher_top_k", "skd_replace")
+
+
 def check_resume(saved, args, path):
-    """Refuse (CheckpointError) a --resume whose flags would change what the run trains from here on: the
-    learning-rate schedule (a changed --steps, --warmup, --lr or --min-lr-frac moves every later step's
-    rate) or the adapters (the training state holds them unmerged). saved: the run's args, from its
-    training state."""
+    """Refuse (CheckpointError) a --resume whose flags would change what the run trains from here on
+    (RESUME_FIXED), or its adapters (the training state holds them unmerged). saved: the run's args, from
+    its training state."""
     have, want = (saved.get("lora_rank"), saved.get("lora_alpha")), (args.lora_rank, args.lora_alpha)
     if "lora_rank" in saved and have != want:
         show = lambda r, a: f"--lora-rank {r} --lora-alpha {a:g}" if r else "no --lora-rank"  # noqa: E731
         raise CheckpointError(f"--resume: {path} was trained with {show(*have)}, not {show(*want)}")
-    for name in ("steps", "warmup", "lr", "min_lr_frac"):
-        if name in saved and saved[name] != getattr(args, name):
+    for name in RESUME_FIXED:
+        if name in saved and saved[name] != getattr(args, name, None):
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(f"--resume: {path} was trained with {flag} {saved[name]}, not {getattr(args, name)}; "
                                   f"resume with the same {flag}, or start a new run from it with --student {path}")

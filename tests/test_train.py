@@ -65,6 +65,18 @@ def test_resume_continues_bit_exactly(sft_run, tmp_path):
     assert resumed == [m["loss"] for m in metrics(out) if "loss" in m][20:]
 
 
+@pytest.mark.parametrize("flag,value,msg", [("--lr", "1e-3", "--lr 0.003, not 0.001"),
+                                            ("--seed", "1", "--seed 0, not 1"),
+                                            ("--batch-size", "8", "--batch-size 32, not 8")])
+def test_resume_refuses_flags_that_change_the_run(sft_run, tmp_path, flag, value, msg):
+    out, _ = sft_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    before = snapshot(copy)
+    r = run("train.py", "--stage", "sft", "--out", copy, "--steps", "40", "--resume", *TINY, flag, value, check=False)
+    assert f"was trained with {msg}" in one_line_error(r) and snapshot(copy) == before
+
+
 def snapshot(d):
     return {os.path.join(p, f): os.stat(os.path.join(p, f)).st_mtime_ns for p, _, fs in os.walk(d) for f in fs}
 
