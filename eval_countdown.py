@@ -462,7 +462,8 @@ def main(argv=None):
                    "64-256)")
     p.add_argument("--sample-temperature", type=float, default=None, help="also report sampled accuracy (with "
                    "--show: the rollouts' temperature, default 1; 0 is greedy)")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem for sampled accuracy")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem for sampled accuracy "
+                   "and pass@k (the share of problems one of whose samples is right: RL's groups with a success)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--examples", type=int, default=5, help="examples to print")
     p.add_argument("--tokenizer", default=TOKENIZER_PATH, help="used when the checkpoint has no tokenizer.json")
@@ -516,8 +517,11 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed)
         srows = [r for _ in range(args.samples) for r in
                  countdown_eval(model, fmt, problems, args.batch_size, args.sample_temperature, g, args.max_new_tokens)]
+        n = len(problems)  # srows: every problem once per sample; pass@k: one of a problem's samples is right
         result.update(sample_temperature=args.sample_temperature, samples=args.samples,
-                      sampled_accuracy=summarize(srows)["accuracy"])
+                      sampled_accuracy=summarize(srows)["accuracy"],
+                      sampled_pass_at_k=sum(any(srows[j * n + i]["correct"] for j in range(args.samples))
+                                            for i in range(n)) / n)
     result["seconds"] = round(time.time() - t0, 2)
     print(f"{args.split}: greedy accuracy {result['greedy_accuracy']:.3f}, format-valid {result['greedy_format_valid']:.3f}, "
           f"mean answer {result['greedy_mean_tokens']:.1f} tokens, n={result['n']}")

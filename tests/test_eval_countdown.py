@@ -1,10 +1,13 @@
 """eval_countdown.py: --table pools the seeds of an ablation (mean, sample std, share of the teacher, gap
-closed) against numbers worked out by hand, and --show prints the rollouts and writes the HTML page."""
+closed) against numbers worked out by hand, --show prints the rollouts and writes the HTML page, and sampled
+accuracy and pass@k regroup the samples by problem."""
 import json
+import os
 
 import pytest
+import torch
 
-from conftest import make_ckpt, run
+from conftest import ROOT, make_ckpt, run
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +123,22 @@ def test_every_rank_decodes_in_as_many_batches():
             counts = {-(-len(range(r, n, world)) // size) for r in range(world)}
             assert len(counts) == 1 and 1 <= size <= 512, (n, world, size, counts)
     assert eval_batch_size(630, 1) == 512  # one process decodes as it always did
+
+
+def test_sampled_accuracy_and_pass_at_k_count_each_problem_s_samples(capsys):
+    """pass@k against the samples regrouped by problem: the same generator drawn in the same order."""
+    import eval_countdown
+    from data.countdown import load_split
+    from eval_countdown import countdown_eval, load_for_eval
+    ck = os.path.join(ROOT, "checkpoints", "student")
+    assert eval_countdown.main([ck, "--split", "val", "--n", "40", "--sample-temperature", "1", "--samples", "3"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    _, model, fmt = load_for_eval(ck, None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        countdown_eval(model, fmt, load_split("val")[:40])  # main's greedy pass draws nothing from g
+        runs = [[r["correct"] for r in countdown_eval(model, fmt, load_split("val")[:40], temperature=1.0, generator=g)]
+                for _ in range(3)]
+    assert res["sampled_accuracy"] == pytest.approx(sum(map(sum, runs)) / 120)
+    assert res["sampled_pass_at_k"] == pytest.approx(sum(any(col) for col in zip(*runs)) / 40)
+    assert res["sampled_accuracy"] <= res["sampled_pass_at_k"] < 1
