@@ -23,26 +23,29 @@ if has student; then
   echo "student-mid|--stage sft --n-layer 3 --n-head 4 --d-model 96 --d-mlp 288 --steps 1000 --warmup 100 --augment --eval-every 250 --save-every 250" | run_arms
 fi
 if has ceiling; then
-  echo "sft-ceiling|--stage sft --student $S --augment --steps 4000 --eval-every 500 --save-every 500" | run_arms
+  echo "sft-ceiling|--stage sft --student $S --augment --steps 2000 --eval-every 250 --save-every 500" | run_arms
 fi
 
 # 2. The learning rate per arm: lambda 0 and 1 (reverse KL, seed 0) at three rates for the whole run (a
-#    fixed FLOP budget per arm); the rate with the best final val accuracy serves every lambda ($RATE). The
-#    chosen rate's runs are seed 0 of the table.
+#    fixed FLOP budget per arm), and a fourth for lambda 1, whose best of the three was the highest. The rate
+#    with the best final val accuracy serves the table: RATE_L0 for lambda 0, RATE for lambda > 0 (their
+#    rows are partly or wholly on-policy). The chosen rates' runs are seed 0 of the table.
 if has rates; then
-  for l in 1 0; do for lr in 2e-5 6e-5 2e-4; do
+  { for lr in 2e-5 6e-5 2e-4 6e-4; do echo "1 $lr"; done; for lr in 2e-5 6e-5 2e-4; do echo "0 $lr"; done; } |
+  while read l lr; do
     echo "rkl-l$l-lr$lr-s0|--student $S --loss rkl --lmbda $l --lr $lr --seed 0 --steps $STEPS --eval-every 150 --save-every 500"
-  done; done | run_arms
+  done | run_arms
 fi
 
 # 3. The lambda table: every lambda x 3 seeds x each divergence (jsd: beta 0.5, TRL's default), 64 rows a step.
-RATE=${RATE:-6e-5}
+RATE=${RATE:-2e-4} RATE_L0=${RATE_L0:-2e-5}
 if has lambda; then
   for loss in $LOSSES; do for s in 0 1 2; do for l in 0 0.25 0.5 0.75 1; do
-    echo "$loss-l$l-lr$RATE-s$s|--student $S --loss $loss --lmbda $l --lr $RATE --seed $s --steps $STEPS --eval-every 150 --save-every 500"
+    lr=$([ $l = 0 ] && echo $RATE_L0 || echo $RATE)
+    echo "$loss-l$l-lr$lr-s$s|--student $S --loss $loss --lmbda $l --lr $lr --seed $s --steps $STEPS --eval-every 150 --save-every 500"
   done; done; done | run_arms
   for loss in $LOSSES; do
-    dirs=$(ls -d "$OUT"/$loss-l{0,0.25,0.5,0.75,1}-lr$RATE-s[0-9]/ 2>/dev/null) || continue
+    dirs=$(ls -d "$OUT"/$loss-l0-lr$RATE_L0-s[0-9]/ "$OUT"/$loss-l{0.25,0.5,0.75,1}-lr$RATE-s[0-9]/ 2>/dev/null) || continue
     python eval_countdown.py --study $dirs
     python eval_countdown.py --plot $dirs --out docs/regime_lambda_$loss.png
   done
@@ -62,13 +65,15 @@ if has sparse-rates; then  # RL's rate, as the rates above: the whole run, seed 
 fi
 RATE_RL=${RATE_RL:-2e-5}
 if has sparse; then  # distillation plus reward takes OPD's rate (not swept)
-  for s in 0 1 2; do
-    c="--student $W --seed $s --steps $STEPS --eval-every 150 --save-every 500"
-    echo "sparse-opd-lr$RATE-s$s|$c --loss rkl --lmbda 1 --lr $RATE"
-    echo "sparse-rl-lr$RATE_RL-s$s|$c --stage rl --samples-per-prompt 8 --lr $RATE_RL"
-    echo "sparse-sampled+reward-lr$RATE-s$s|$c --loss sampled --samples-per-prompt 8 --reward-weight 1 --lr $RATE"
-  done | run_arms
-  arms=$(ls -d "$OUT"/sparse-{opd-lr$RATE,rl-lr$RATE_RL,sampled+reward-lr$RATE}-s[0-9]/)
+  { for s in 0 1 2; do
+      c="--student $W --seed $s --steps $STEPS --eval-every 150 --save-every 500"
+      echo "sparse-opd-lr$RATE-s$s|$c --loss rkl --lmbda 1 --lr $RATE"
+      echo "sparse-rl-lr$RATE_RL-s$s|$c --stage rl --samples-per-prompt 8 --lr $RATE_RL"
+    done
+    for s in 0 1 2; do
+      echo "sparse-sampled+reward-lr$RATE-s$s|--student $W --seed $s --steps $STEPS --eval-every 150 --save-every 500 --loss sampled --samples-per-prompt 8 --reward-weight 1 --lr $RATE"
+    done; } | run_arms
+  arms=$(ls -d "$OUT"/sparse-{opd-lr$RATE,rl-lr$RATE_RL,sampled+reward-lr$RATE}-s[0-9]/ 2>/dev/null || true)
   python eval_countdown.py --study $arms --reach sparse-rl-lr$RATE_RL
   python eval_countdown.py --plot $arms --out docs/regime_sparse.png
 fi
