@@ -18,7 +18,7 @@ S=checkpoints/student-mid  # the shipped warm start (part `student` remakes it i
 
 # 1. The student: 3 layers, width 96, MLP 288 (282k parameters, 1/2.8 of the teacher's 793k; the published
 #    pair is about 1/2.7), SFT on the solver's ground truth as the shipped student was made, for 1000 steps.
-#    Its ceiling: the same SFT continued from it until val accuracy stops rising.
+#    Its ceiling: the same SFT continued from it for 2000 more steps.
 if has student; then
   echo "student-mid|--stage sft --n-layer 3 --n-head 4 --d-model 96 --d-mlp 288 --steps 1000 --warmup 100 --augment --eval-every 250 --save-every 250" | run_arms
 fi
@@ -63,7 +63,7 @@ if has sparse-rates; then  # RL's rate, as the rates above: the whole run, seed 
     echo "sparse-rl-lr$lr-s0|--student $W --stage rl --samples-per-prompt 8 --lr $lr --seed 0 --steps $STEPS --eval-every 150 --save-every 500"
   done | run_arms
 fi
-RATE_RL=${RATE_RL:-2e-5}
+RATE_RL=${RATE_RL:-5e-6}  # the sparse-rates sweep's choice
 if has sparse; then  # distillation plus reward takes OPD's rate (not swept)
   { for s in 0 1 2; do
       c="--student $W --seed $s --steps $STEPS --eval-every 150 --save-every 500"
