@@ -37,7 +37,7 @@ from data.countdown import TOKENIZER_PATH, countdown_format, load_split, prompt_
 from data import TASK_SPLITS
 from distributed import all_sum, decoding, optimizer_state_bytes
 from forks import show_forks
-from losses import head_divergence_sum
+from losses import group_success, head_divergence_sum
 from model import forward_from, num_params
 from rollout import generate, left_pad, pack, sample, shared_prompts
 from teacher import teacher_scores
@@ -91,6 +91,49 @@ def rewards(batch, rows, fmt):
         numbers, target, _ = r.problem
         out.append(float(ended and fmt.verify(numbers, target, fmt.decode(comp[:-1] if ended else comp))))
     return torch.tensor(out, device=batch.tokens.device)
+
+
+# ------------------------------------------------------------------- the logs of a training step (train.py)
+
+def step_metrics(batch, n_tok, loss, rkl, reward, gnorm, lr, flops, times, one_to_one, run):
+    """A training step's metrics, summed over ranks: what train.train_step returns."""
+    args, device = run.args, run.device
+    n_on = round(all_sum(batch.on_policy.sum().item(), device))
+    out = dict(loss=all_sum(float(loss), device), lr=lr, grad_norm=float(gnorm),
+               tokens=all_sum(batch.valid.sum().item(), device), flops=all_sum(flops, device), samples=n_on,
+               times=times)
+    if reward is not None:  # the verifier on the student's own samples
+        out["reward"] = all_sum(reward.sum().item(), device) / n_on
+        if args.samples_per_prompt > 1:
+            out["group_success"] = group_success(reward, batch.on_policy, args.samples_per_prompt, run.rank, run.world)
+    if args.stage == "distill":  # what the student does on its own samples
+        n_on_tok = all_sum((batch.mask & batch.on_policy[:, None]).sum().item(), device)
+        out |= dict(on_policy_frac=n_on / args.batch_size,
+                    student_rkl=all_sum(float(rkl), device) / n_on_tok if n_on_tok else None,
+                    completion_len=n_tok / args.batch_size)
+        if batch.kept is not None:  # speculative KD: the share of the student's proposals the teacher kept
+            out["skd_accept"] = all_sum(batch.kept.sum().item(), device) / n_on_tok if n_on_tok else None
+        if run.cross:  # share of completion tokens in spans of one token on each side
+            out["one_to_one_frac"] = all_sum(one_to_one, device) / n_tok
+    return out
+
+
+def step_record(step, m, seconds, state):
+    """The metrics.jsonl record of a step from train_step's metrics m, with the run's compute so far."""
+    rec = dict(step=step, loss=round(m["loss"], 5), lr=m["lr"], grad_norm=round(m["grad_norm"], 4),
+               tokens_per_s=round(m["tokens"] / seconds), minutes=round(state["train_seconds"] / 60, 3),
+               flops=state["flops"], samples=state["samples"])
+    for k in ("reward", "group_success"):  # the verifier on the student's samples
+        if m.get(k) is not None:
+            rec[k] = round(m[k], 4)
+    if "on_policy_frac" in m:  # distillation
+        rec |= dict(on_policy_frac=m["on_policy_frac"],
+                    student_rkl=None if m["student_rkl"] is None else round(m["student_rkl"], 5),
+                    completion_len=round(m["completion_len"], 3), rollout_s=round(m["times"]["rollout"], 3))
+    for k in ("one_to_one_frac", "skd_accept"):  # across tokenizers; speculative KD
+        if m.get(k) is not None:
+            rec[k] = round(m[k], 4)
+    return rec
 
 
 # ------------------------------------------------------------------- the evals of a training run (train.py)

@@ -49,10 +49,11 @@ from crosstok import cross_distill_loss, shared_vocab
 from data import TASK_SPLITS, check_task_args, longest_prompt, task_format
 from data.countdown import TOKENIZER_PATH, countdown_format
 from distributed import all_sum, compute_dtype, peak_mem_mb, setup_dist, shard
-from eval_countdown import collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, validate
+from eval_countdown import (collapse_warning, end_of_run, evaluate, rewards, rkl_text, start_of_run, step_metrics,
+                            step_record, validate)
 from flops import flops_train_step
 from lora import add_lora, add_lora_args, check_lora_args, trainable_params
-from losses import OBJECTIVES, add_loss_args, check_loss_args, group_success, step_reward_advantage
+from losses import OBJECTIVES, add_loss_args, check_loss_args, step_reward_advantage
 from model import GPT, GPTConfig, GradKV, forward_from, keep_layers, layer_slice, num_params
 from rollout import add_rollout_args, check_context, check_rollout_args, make_batch, shared_prompts, step_rows
 from selfdistill import (SELF, ContextPrompts, add_self_args, check_context_fits, check_self_args, self_teacher,
@@ -140,36 +141,13 @@ def train_step(step, rows, model, teacher, optimizer, run):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lap("optimizer")
-    return step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, one_to_one, run)
+    return step_metrics(batch, n_tok, loss, rkl, reward, gnorm, lr_at(step, args), flops, times, one_to_one, run)
 
 
 def micro_batches(n, size):
     """Slices of n rows, `size` at a time (0: all at once)."""
     size = size or n
     return [slice(i, i + size) for i in range(0, n, size)]
-
-
-def step_metrics(step, batch, n_tok, loss, rkl, reward, gnorm, flops, times, one_to_one, run):
-    """A step's metrics, summed over ranks: what train_step returns."""
-    args, device = run.args, run.device
-    n_on = round(all_sum(batch.on_policy.sum().item(), device))
-    out = dict(loss=all_sum(float(loss), device), lr=lr_at(step, args), grad_norm=float(gnorm),
-               tokens=all_sum(batch.valid.sum().item(), device), flops=all_sum(flops, device), samples=n_on,
-               times=times)
-    if reward is not None:  # the verifier on the student's own samples
-        out["reward"] = all_sum(reward.sum().item(), device) / n_on
-        if args.samples_per_prompt > 1:
-            out["group_success"] = group_success(reward, batch.on_policy, args.samples_per_prompt, run.rank, run.world)
-    if args.stage == "distill":  # what the student does on its own samples
-        n_on_tok = all_sum((batch.mask & batch.on_policy[:, None]).sum().item(), device)
-        out |= dict(on_policy_frac=n_on / args.batch_size,
-                    student_rkl=all_sum(float(rkl), device) / n_on_tok if n_on_tok else None,
-                    completion_len=n_tok / args.batch_size)
-        if batch.kept is not None:  # speculative KD: the share of the student's proposals the teacher kept
-            out["skd_accept"] = all_sum(batch.kept.sum().item(), device) / n_on_tok if n_on_tok else None
-        if run.cross:  # share of completion tokens in spans of one token on each side
-            out["one_to_one_frac"] = all_sum(one_to_one, device) / n_tok
-    return out
 
 
 def lr_at(step, args):
@@ -277,26 +255,6 @@ def setup(args):
 def on_policy_rows(args):
     """The student-sampled rows of every step (parse_args: lambda x batch is whole); RL samples every row."""
     return {"sft": 0, "rl": args.batch_size, "distill": round(args.lmbda * args.batch_size)}[args.stage]
-
-# -------------------------------------------------------------------------------------- evals and logs
-
-def step_record(step, m, seconds, state):
-    """The metrics.jsonl record of a step from train_step's metrics m, with the run's compute so far."""
-    rec = dict(step=step, loss=round(m["loss"], 5), lr=m["lr"], grad_norm=round(m["grad_norm"], 4),
-               tokens_per_s=round(m["tokens"] / seconds), minutes=round(state["train_seconds"] / 60, 3),
-               flops=state["flops"], samples=state["samples"])
-    for k in ("reward", "group_success"):  # the verifier on the student's samples
-        if m.get(k) is not None:
-            rec[k] = round(m[k], 4)
-    if "on_policy_frac" in m:  # distillation
-        rec |= dict(on_policy_frac=m["on_policy_frac"],
-                    student_rkl=None if m["student_rkl"] is None else round(m["student_rkl"], 5),
-                    completion_len=round(m["completion_len"], 3), rollout_s=round(m["times"]["rollout"], 3))
-    for k in ("one_to_one_frac", "skd_accept"):  # across tokenizers; speculative KD
-        if m.get(k) is not None:
-            rec[k] = round(m[k], 4)
-    return rec
-
 
 # ------------------------------------------------------------------------------------------------- main
 
