@@ -64,7 +64,7 @@ from checkpoint import load_pretrained
 from data.countdown import TOKENIZER_PATH, CharFormat, load_tokenizer
 from distributed import peak_mem_mb
 from flops import flops_forward, flops_fused_loss, flops_generate, flops_score, matmul_params
-from losses import OBJECTIVES, divergence_loss
+from losses import OBJECTIVES, chunk_rows, divergence_loss
 from model import (GPT, GPTConfig, GradKV, distinct_rows, forward_from, keep_layers, layer_slice, num_params,
                    positions_from_valid, prefill)
 from rollout import Row, generate, left_pad, make_batch, sample_token, shared_prompts
@@ -224,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--part", default="all", choices=["all", "times", "memory"], help="with --teacher: measure only "
                    "the times or only the memory (all: the times here, then the memory in a fresh process, whose "
                    "fixed mmap threshold would slow the step)")
+    p.add_argument("--teacher-top-k", type=int, default=64, help="with --teacher: the memory part also runs the step "
+                   "with train.py --teacher-top-k K and makes the teacher's top-K signal for the batch beside its whole logits")
     args = p.parse_args(argv)
     if bool(args.teacher) != bool(args.student):
         p.error("--teacher and --student go together")
@@ -387,6 +389,24 @@ def unfused_distill_step(student, teacher, batch, optimizer, args):
     optimizer.zero_grad(set_to_none=True)
 
 
+def teacher_signal(teacher, batch, head, k=None, chunk=0):
+    """The teacher's signal for a loss over the batch's completions, as it would be held between the teacher and
+    the loss. k None: its logits [B, N, V] whole (unfused_distill_step's). k: what a top-K teacher sends per
+    position, its K largest log-probabilities, their int32 ids and the log-mass of the rest, made from its final
+    hidden states a chunk of positions at a time (chunk, or 0: as the losses chunk, losses.chunk_rows), so that its
+    [B, N, V] logits never exist whole."""
+    with torch.no_grad():
+        if k is None:
+            return score(teacher, batch, start=batch.prompt_len)
+        h = score(teacher, batch, start=batch.prompt_len, hidden_states=True).flatten(0, 1)
+        out = []
+        for hc in h.split(chunk_rows(chunk, head.size(0))):
+            lp = torch.log_softmax((hc @ head.T).float(), -1)
+            top, ids = lp.topk(min(k, lp.size(-1)), -1)
+            out.append((top, ids.int(), lp.scatter(-1, ids, float("-inf")).logsumexp(-1)))
+        return [torch.cat(x) for x in zip(*out)]
+
+
 def bench_checkpoints(args, load, argv):
     """Real shapes: a Hugging Face teacher and student (e.g. SmolLM2-135M and its every-third-layer student),
     --batch-size random prompts of --prompt-len tokens and --new-tokens sampled tokens per row (no early stop),
@@ -502,7 +522,8 @@ def checkpoint_times(w, N):
 
 def checkpoint_memory(w, N):
     """At N new tokens per row, one run each: the step's peak memory above its start with the head fused into
-    the loss (train.py), with that and activation checkpointing, and with both models' logits whole."""
+    the loss (train.py), with that and activation checkpointing, with both models' logits whole, and with the head
+    fused and --teacher-top-k; and the peak of making the teacher's signal for the batch, whole logits or top K."""
     Peak = PeakCUDA if w.cuda else PeakRSS
     run, rows = checkpoint_run(w, N)
     with Peak() as fused, step_as_benched(w):
@@ -513,8 +534,16 @@ def checkpoint_memory(w, N):
         batch, _ = make_batch(0, rows, w.student, w.teacher, run)
     with Peak() as unfused, w.amp():
         unfused_distill_step(w.student, w.teacher, batch, w.optimizer, run.args)
+    K = w.args.teacher_top_k
+    with Peak() as fused_k, step_as_benched(w):
+        train.train_step(0, rows, w.student, w.teacher, w.optimizer, checkpoint_run(w, N, "--teacher-top-k", str(K))[0])
+    with Peak() as whole, w.amp():
+        teacher_signal(w.teacher, batch, None)
+    with Peak() as top_k, w.amp():
+        teacher_signal(w.teacher, batch, head_weight(w.teacher), K)
     return dict(peak_above_mb_fused=fused.above / 2 ** 20, peak_above_mb_recompute=ac.above / 2 ** 20,
-                peak_above_mb_unfused=unfused.above / 2 ** 20)
+                peak_above_mb_unfused=unfused.above / 2 ** 20, peak_above_mb_fused_top_k=fused_k.above / 2 ** 20,
+                teacher_signal_mb_whole=whole.above / 2 ** 20, teacher_signal_mb_top_k=top_k.above / 2 ** 20)
 
 
 def print_checkpoints(args, res, load, w):
@@ -545,9 +574,16 @@ def print_checkpoints(args, res, load, w):
         r = res[f"new_tokens_{N}"]
         print(f"{N:>6}{r['peak_above_mb_fused']:>21.0f} MiB{r['peak_above_mb_unfused']:>10.0f} MiB"
               f"{r['peak_above_mb_recompute']:>15.0f} MiB{r['step_s_recompute']:>19.3f}")
+    K = args.teacher_top_k
+    print(f"{'N new':>6}{f'fused, --teacher-top-k {K}':>27}{'teacher signal: whole logits':>30}{f'top {K}':>10}")
+    for N in lengths:
+        r = res[f"new_tokens_{N}"]
+        print(f"{N:>6}{r['peak_above_mb_fused_top_k']:>23.0f} MiB{r['teacher_signal_mb_whole']:>26.0f} MiB"
+              f"{r['teacher_signal_mb_top_k']:>6.0f} MiB")
     print("(peak above start: " + ("CUDA max allocated" if w.cuda else "the process's RSS, sampled, in a fresh "
           "process") + " during the eager step over its value before; the step makes the gradients, so subtract those "
-          "for the activations and loss alone; recomputed: --activation-checkpointing, one run)")
+          "for the activations and loss alone; recomputed: --activation-checkpointing, one run; teacher signal: the "
+          "teacher's forward and what it hands the loss, its logits whole or its top K, their ids and the rest's mass)")
 
 # ------------------------------------------------------------------------------ the reference workload
 

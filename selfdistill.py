@@ -142,10 +142,10 @@ def self_view(mb, rows, groups, teacher, run):
     return tb, t_groups, flops
 
 
-def probe(ckpt, template=None, split="val"):
+def probe(ckpt, template=None, split="val", n=None):
     """How good a teacher the model is with its context, before any run: greedy accuracy after the plain and
     the context prompt, and the mean log-probability and argmax rate of the ground-truth answer's tokens
-    after each (teacher-forced). {name: (accuracy, mean log p, top-1)}."""
+    after each (teacher-forced), on the split's first n problems (None: all). {name: (accuracy, mean log p, top-1)}."""
     import torch.nn.functional as F
     from chat import load_chat
     from data.countdown import countdown_format
@@ -153,7 +153,7 @@ def probe(ckpt, template=None, split="val"):
     from rollout import generate, pack
     path = resolve_checkpoint(ckpt)
     model, fmt = load_pretrained(path).eval(), countdown_format(load_chat(path))
-    problems, ctx, out = TASK_SPLITS["countdown"](split), ContextPrompts(fmt, template), {}
+    problems, ctx, out = TASK_SPLITS["countdown"](split)[:n], ContextPrompts(fmt, template), {}
     for name, prompts in (("plain", fmt.prompts(problems)), ("context", [ctx(p) for p in problems])):
         b = pack(prompts, [fmt.answer_ids(p[2]) for p in problems], fmt.pad_id)
         ids, valid = b.tokens[:, :b.prompt_len], b.valid[:, :b.prompt_len]
@@ -174,6 +174,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="probe a model as its own teacher: does its context help it?")
     p.add_argument("ckpt")
     p.add_argument("--self-context", default=None)
+    p.add_argument("--n", type=int, default=None, help="the val split's first N problems (default: all)")
     a = p.parse_args()
-    for name, (acc, lp, top1) in probe(a.ckpt, a.self_context).items():
+    for name, (acc, lp, top1) in probe(a.ckpt, a.self_context, n=a.n).items():
         print(f"{name:8s} greedy val accuracy {acc:.3f}, answer tokens: mean log p {lp:.3f}, top-1 {top1:.3f}")

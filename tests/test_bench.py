@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import KernelRecorder, flops_no_cache, generate_no_cache, kernel_floor
+from bench import KernelRecorder, flops_no_cache, generate_no_cache, kernel_floor, teacher_signal
 from flops import flops_forward, flops_generate, flops_score, matmul_params
 from conftest import ROOT, make_ckpt, tiny_model
 from rollout import generate, left_pad
@@ -151,7 +151,29 @@ def test_bench_on_checkpoints_runs_and_prints_json(tmp_path):
         for v in (m["eager"], m["compiled"]):
             assert set(v["parts_s"]) == {"rollout", "teacher", "student", "optimizer"} and 0 < v["step_mfu"] < 1
         assert m["eager"]["step_gflop"] == m["compiled"]["step_gflop"]
-        assert m["compile_s"] > 0 and m["peak_above_mb_unfused"] >= 0
+        assert m["compile_s"] > 0 and m["peak_above_mb_unfused"] >= 0 and m["peak_above_mb_fused_top_k"] >= 0
+        assert m["teacher_signal_mb_whole"] >= 0 and m["teacher_signal_mb_top_k"] >= 0
+
+
+def test_teacher_signal_top_k_is_the_whole_logits_top_k():
+    """bench's top-K teacher signal (made a chunk of positions at a time from the hidden states) holds the
+    teacher's top-K log-probabilities, their ids and the rest's log-mass of its whole logits (losses.top_k_bins)."""
+    from types import SimpleNamespace
+    from losses import top_k_bins
+    teacher = tiny_model(3, vocab_size=40).eval()
+    B, T, c, k = 3, 9, 4, 5
+    tokens = torch.randint(40, (B, T), generator=torch.Generator().manual_seed(0))
+    batch = SimpleNamespace(tokens=tokens, pos=torch.arange(T).expand(B, T), valid=torch.ones(B, T, dtype=torch.bool),
+                            prompt_len=c)
+    whole = teacher_signal(teacher, batch, None)
+    assert whole.shape == (B, T - c, 40)
+    lp = F.log_softmax(whole.double(), -1).flatten(0, 1)
+    _, bins = top_k_bins(lp, lp, k)
+    top, ids, rest = teacher_signal(teacher, batch, teacher.head.weight, k, chunk=4)  # 4 does not divide 15
+    assert ids.dtype == torch.int32 and top.shape == ids.shape == (B * (T - c), k) and rest.shape == (B * (T - c),)
+    assert torch.equal(ids.long(), lp.topk(k, -1).indices)
+    torch.testing.assert_close(top.double(), bins[:, :k], rtol=0, atol=1e-5)
+    torch.testing.assert_close(rest.double(), bins[:, k], rtol=0, atol=1e-5)
 
 
 def test_bench_samples_per_prompt_shares_prefills():
