@@ -414,7 +414,8 @@ def bench_checkpoints(args, load, argv):
     compiled step, side by side), train.py's step split into its parts with its MFU, and the step's peak
     memory above its start (weights and optimizer state; the gradients are made during the step) with the
     head fused into the loss (train.py), with it and --activation-checkpointing, and with both models'
-    logits whole (unfused_distill_step), at --new-tokens and at twice as many. The memory runs in a process
+    logits whole (unfused_distill_step), and with --teacher-top-k, beside the teacher's signal for the batch
+    whole or as top K (teacher_signal), at --new-tokens and at twice as many. The memory runs in a process
     of its own (--part memory): on CPU it needs glibc's mmap threshold fixed from the start, which makes every
     large tensor a fresh mmap and slows the step by a quarter, so the times are taken in a process without it."""
     if args.part == "memory" and args.device != "cuda":
