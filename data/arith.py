@@ -12,13 +12,12 @@ model output is ever evaluated.
 
     python -m data.arith            # split sizes and examples
 """
-import hashlib
 import itertools
 import random
 import re
 from functools import lru_cache
 
-from data.countdown import BOS, CharFormat
+from data.countdown import BOS, CharFormat, split_by_hash
 
 NUM_LO, NUM_HI = 1, 20
 OPS = "+-*"
@@ -34,10 +33,7 @@ def value(a, op1, b, op2, c):
 
 
 def _split_of(expr):
-    h = int(hashlib.sha256(f"arith:{expr}".encode()).hexdigest()[:8], 16) % 1000
-    if h < SPLIT_PERMILLE["test"]:
-        return "test"
-    return "val" if h < SPLIT_PERMILLE["test"] + SPLIT_PERMILLE["val"] else "train"
+    return split_by_hash(f"arith:{expr}", SPLIT_PERMILLE)
 
 
 @lru_cache(maxsize=None)

@@ -357,13 +357,17 @@ def format_expression_answer(expr):
 
 # -------------------------------------------------------------------------------------- universe/splits
 
-def _split_of(numbers, target):
-    h = int(hashlib.sha256(f"{numbers}>{target}".encode()).hexdigest()[:8], 16) % 1000
-    if h < SPLIT_PERMILLE["test"]:
+def split_by_hash(key, permille=SPLIT_PERMILLE):
+    """"test", "val" or "train" for a problem's key, by a stable hash: disjoint splits that never change.
+    Every task in data/ splits this way, each with its own key prefix and shares."""
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1000
+    if h < permille["test"]:
         return "test"
-    if h < SPLIT_PERMILLE["test"] + SPLIT_PERMILLE["val"]:
-        return "val"
-    return "train"
+    return "val" if h < permille["test"] + permille["val"] else "train"
+
+
+def _split_of(numbers, target):
+    return split_by_hash(f"{numbers}>{target}")
 
 
 @lru_cache(maxsize=None)

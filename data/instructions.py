@@ -14,10 +14,11 @@ A problem is (instruction, "", "") so it flows through the rows, rollouts and ev
 
     python -m data.instructions          # split sizes and examples
 """
-import hashlib
 import itertools
 import random
 from functools import lru_cache
+
+from data.countdown import split_by_hash
 
 SPLIT_PERMILLE = {"test": 100, "val": 100}
 
@@ -68,10 +69,7 @@ def all_instructions():
 
 
 def split_of(instruction):
-    h = int(hashlib.sha256(f"instruct:{instruction}".encode()).hexdigest()[:8], 16) % 1000
-    if h < SPLIT_PERMILLE["test"]:
-        return "test"
-    return "val" if h < SPLIT_PERMILLE["test"] + SPLIT_PERMILLE["val"] else "train"
+    return split_by_hash(f"instruct:{instruction}", SPLIT_PERMILLE)
 
 
 @lru_cache(maxsize=None)
