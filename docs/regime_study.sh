@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-runs/regime} STEPS=${STEPS:-1500} JOBS=${JOBS:-2}
-PARTS=${PARTS:-student ceiling rates lambda sparse-rates sparse}
+PARTS=${PARTS:-student ceiling rates lambda long sparse-rates sparse}
 LOSSES=${LOSSES:-rkl fkl jsd}
 mkdir -p "$OUT"
 source docs/arms.sh
@@ -49,6 +49,18 @@ if has lambda; then
     python eval_countdown.py --study $dirs
     python eval_countdown.py --plot $dirs --out docs/regime_lambda_$loss.png
   done
+fi
+
+# 3b. The plateau: the table's best arm (reverse KL, lambda = 1) and lambda = 0 (one seed) for 4x the steps,
+#     to see where each stops rising: is the budget what holds lambda = 1 at ~62% of the teacher?
+LONG=$((4 * STEPS))
+if has long; then
+  { for s in 0 1 2; do echo "1 $RATE $s"; done; echo "0 $RATE_L0 0"; } | while read l lr s; do
+    echo "rkl-l$l-lr$lr-$LONG-s$s|--student $S --loss rkl --lmbda $l --lr $lr --seed $s --steps $LONG --eval-every 300 --save-every 1000"
+  done | run_arms
+  arms=$(ls -d "$OUT"/rkl-l{0,1}-lr*-$LONG-s[0-9]/ 2>/dev/null || true)
+  python eval_countdown.py --study $arms
+  python eval_countdown.py --plot $arms --out docs/regime_long.png
 fi
 
 # 4. Sparse reward: the same student after only 500 SFT steps, whose samples solve few problems, so most of
